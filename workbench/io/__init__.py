@@ -1,0 +1,1 @@
+"""Readers and writers for the workbench's inputs and outputs."""

@@ -1,0 +1,1 @@
+"""Knee MRI analysis pipeline."""
