@@ -514,6 +514,17 @@ class Run:
         error._logged = True
         raise error
 
+    def steps_from_result(self, result: dict[str, Any]) -> None:
+        """Adopt the finished steps and outputs of an earlier ``result.json`` of this run folder."""
+        for step in result.get("steps", []):
+            self.steps.append(StepRecord(
+                name=step["name"], status=step["status"], seconds=step.get("seconds") or 0.0,
+                model=step.get("model"), peak_rss_mb=step.get("peak_rss_mb"), peak_gpu_mb=step.get("peak_gpu_mb"),
+                gpu_after_mb=step.get("gpu_after_mb"), error=step.get("error")))
+        self.outputs.extend(result.get("outputs", []))
+        self.metrics.update(result.get("metrics", {}))
+        self.models = self.models or list(result.get("models", []))
+
     # -- result.json ------------------------------------------------------------------
     def _append_error_log(self, text: str) -> None:
         with open(self.run_dir / "error.log", "a", encoding="utf-8") as fh:
@@ -578,3 +589,14 @@ def versions() -> dict[str, Any]:
 def log_event(progress: Progress, message: str) -> None:
     """Emit a free-text log event (shown in headless logs and stored in progress.jsonl)."""
     progress.emit(ProgressEvent(LOG, message=message))
+
+
+def new_run_dir(pipeline: str, parent: str | Path | None = None) -> Path:
+    """A new, empty run folder ``<parent>/<YYYYmmdd-HHMMSS>-<pipeline>-<6 hex>`` (parent: ``outputs/``)."""
+    from workbench.config import outputs_dir
+
+    parent = Path(parent) if parent is not None else outputs_dir()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = parent / f"{stamp}-{pipeline}-{uuid.uuid4().hex[:6]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path

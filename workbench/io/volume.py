@@ -70,3 +70,41 @@ def to_canonical(volume: Volume) -> Volume:
             axis=-1,
         )
     return Volume(np.ascontiguousarray(data), affine, echoes, list(volume.echo_times_ms), dict(volume.meta))
+
+
+def resample_isotropic(volume: Volume, spacing_mm: float, order: int = 1) -> Volume:
+    """Resample ``volume`` onto an isotropic grid of ``spacing_mm`` covering the same field of view.
+
+    The new grid keeps the direction cosines and the world position of voxel
+    (0, 0, 0); ``order`` is the spline order (1: trilinear for images,
+    0: nearest for label maps).  Echoes, when present, are resampled alike.
+    """
+    from scipy import ndimage
+
+    spacing = np.asarray(volume.spacing)
+    directions = volume.affine[:3, :3] / spacing
+    extent = (np.asarray(volume.shape) - 1) * spacing
+    new_shape = tuple(int(np.floor(e / spacing_mm + 1e-6)) + 1 for e in extent)
+    new_affine = np.eye(4)
+    new_affine[:3, :3] = directions * spacing_mm
+    new_affine[:3, 3] = volume.affine[:3, 3]
+    # new voxel index -> old voxel index
+    matrix = np.linalg.inv(volume.affine) @ new_affine
+
+    def _resample(array: np.ndarray) -> np.ndarray:
+        out = ndimage.affine_transform(
+            array.astype(np.float32) if order > 0 else array, matrix[:3, :3], offset=matrix[:3, 3],
+            output_shape=new_shape, order=order, mode="nearest",
+        )
+        return out.astype(array.dtype) if order == 0 else out
+
+    echoes = None
+    if volume.echoes is not None:
+        echoes = np.stack([_resample(volume.echoes[..., e]) for e in range(volume.n_echoes)], axis=-1)
+    meta = dict(volume.meta, resampled_from_spacing=[float(s) for s in spacing])
+    return Volume(_resample(volume.data), new_affine, echoes, list(volume.echo_times_ms), meta)
+
+
+def same_grid(a: Volume, b: Volume, atol_mm: float = 1e-3) -> bool:
+    """True when two volumes share shape and affine (within ``atol_mm``)."""
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=atol_mm))

@@ -1,0 +1,273 @@
+"""The ``workbench`` command line.
+
+Exit codes: 0 success, 2 usage or configuration error, 3 pipeline failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from workbench.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, WorkbenchError, exit_code_for
+
+EPILOG_RUN_KNEE = """examples:
+  workbench run knee --input data/knee_dicom/
+  workbench run knee --input knee.nii.gz --segmentation-model nnunet_cascade --nsm both --device cpu
+  workbench run knee --input scans/ --series 5 --out outputs/my-run --timeout 900
+"""
+EPILOG_DATA = """examples:
+  workbench data fetch
+  workbench data sample knee --out data/sample
+  workbench data sample knee --out data/big --preset standard --seed 3 --flip
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with the workbench's usage code (2) and a hint."""
+
+    def error(self, message: str):  # noqa: D401
+        self.print_usage(sys.stderr)
+        print(f"error: {message}\nhint: run `{self.prog} --help` for the options and examples.", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _step_timeout(text: str) -> tuple[str, float]:
+    name, sep, seconds = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip(), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=SECONDS (e.g. load_input=120), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from workbench.registry import REGISTRY
+
+    parser = _Parser(prog="workbench", description="Research workbench: knee MRI analysis and 3D reconstruction.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Run `workbench COMMAND --help` for each command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"workbench {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    # run ------------------------------------------------------------------------------
+    run = sub.add_parser("run", help="run a pipeline headless (papermill) into a run folder",
+                         description="Run a pipeline's notebook headless into a run folder holding report.ipynb, "
+                                     "report.html, result.json, config.json, progress.jsonl and the outputs.")
+    run_sub = run.add_subparsers(dest="pipeline", required=True, parser_class=_Parser)
+    knee = run_sub.add_parser(
+        "knee", help=REGISTRY.pipeline("knee").description, epilog=EPILOG_RUN_KNEE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Knee MRI pipeline on a DICOM series or a 3-D NIfTI volume.")
+    knee.add_argument("--input", required=True, help="DICOM folder/file or NIfTI volume (.nii, .nii.gz)")
+    knee.add_argument("--out", help="run folder (default: a new folder under outputs/)")
+    knee.add_argument("--segmentation-model", default="nnunet_fullres",
+                      choices=REGISTRY.choices("knee", "segmentation_model"), help="default: %(default)s")
+    knee.add_argument("--nsm", dest="nsm_type", default="none", choices=REGISTRY.choices("knee", "nsm_type"),
+                      help="neural shape model fits (default: %(default)s)")
+    knee.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    knee.add_argument("--series", help="DICOM series (UID, number or description) when the folder holds several")
+    knee.add_argument("--model-dir", help="an nnU-Net v2 model folder to use instead of the shipped model")
+    knee.add_argument("--ground-truth", help="label map in the input's space, to compare with")
+    knee.add_argument("--resample-mm", type=float, help="resample to this isotropic voxel size (mm)")
+    knee.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
+    knee.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
+                      metavar="STEP=SECONDS", help="limit for one step (repeatable), e.g. load_input=120")
+    knee.add_argument("--no-report", action="store_true", help="skip building report.html")
+
+    # data -----------------------------------------------------------------------------
+    data = sub.add_parser("data", help="sample and synthetic data", epilog=EPILOG_DATA,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    data_sub.add_parser("fetch", help="download and cache the real sample files (mskt sdist from PyPI)",
+                        description="Fetch the mskt 0.1.22 sdist with pip once and cache its data "
+                                    "(set WORKBENCH_CACHE to choose where).")
+    sample = data_sub.add_parser("sample", help="write a synthetic sample case", epilog=EPILOG_DATA,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample.add_argument("pipeline", choices=["knee"], help="which pipeline's sample")
+    sample.add_argument("--out", required=True, help="folder to write the case into")
+    sample.add_argument("--preset", default="small", help="resolution preset (small, standard); default small")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument("--source", default=None, help="source label map (right_knee_example or sag_3d_dess)")
+    sample.add_argument("--name", default="knee_sample", help="case name (default knee_sample)")
+    sample.add_argument("--flip", action="store_true", help="mirror to a left knee")
+    sample.add_argument("--echoes", type=int, default=0, help="write a multi-echo series with this many echoes")
+
+    # models ---------------------------------------------------------------------------
+    models = sub.add_parser("models", help="list and verify models",
+                            epilog="examples:\n  workbench models list\n  workbench models verify",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    lst = models_sub.add_parser("list", help="registered models and shipped model folders")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    ver = models_sub.add_parser("verify", help="check the sha256 of every shipped weight file")
+    ver.add_argument("folders", nargs="*", help="model folders (default: every folder under models/)")
+
+    # demo -----------------------------------------------------------------------------
+    demo = sub.add_parser("demo", help="run the quickstart notebook headless on the bundled sample",
+                          epilog="examples:\n  workbench demo\n  workbench demo --out outputs/demo",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--out", help="folder for the demo (default: a new folder under outputs/)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic sample (default 0)")
+
+    # report ---------------------------------------------------------------------------
+    report = sub.add_parser("report", help="(re)build the HTML report of a run",
+                            epilog="examples:\n  workbench report outputs/20261125-101500-knee-1a2b3c",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", help="a run folder holding report.ipynb")
+    return parser
+
+
+def _version() -> str:
+    from workbench import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler = {"run": cmd_run, "data": cmd_data, "models": cmd_models, "report": cmd_report,
+                   "demo": cmd_demo}[args.command]
+        return handler(args)
+    except WorkbenchError as exc:
+        _print_error(exc)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _print_error(error: WorkbenchError, log: Path | None = None) -> None:
+    print(f"error [{error.code.value}]: {error.message}", file=sys.stderr)
+    print(f"hint: {error.hint}", file=sys.stderr)
+    if log is not None and log.exists():
+        print(f"details: {log}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.config import KneeOptions, parse_options
+    from workbench.gpu import resolve_device
+    from workbench.notebook import run_job
+    from workbench.runner import new_run_dir
+
+    options: dict[str, Any] = {
+        "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
+        "device": args.device, "series": args.series, "model_dir": args.model_dir,
+        "ground_truth": args.ground_truth, "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
+        "step_timeouts": dict(args.step_timeouts),
+    }
+    validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written
+    resolve_device(validated.device)
+    run_dir = Path(args.out) if args.out else new_run_dir(args.pipeline)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--out {run_dir} is not empty", "Give a new or empty folder, or leave --out out.")
+    print(f"run folder: {run_dir.resolve()}", file=sys.stderr)
+    notebook_timeout = (validated.timeout_s or 1800) + 120
+    result = run_job(args.pipeline, options, run_dir, timeout_s=notebook_timeout, report=not args.no_report)
+    if result["status"] == "ok":
+        print(f"ok: {len(result['steps'])} steps in {result['seconds']:.1f} s", file=sys.stderr)
+        report = run_dir / "report.html"
+        print(report.resolve() if report.exists() else run_dir.resolve())
+        return EXIT_OK
+    error = WorkbenchError.from_dict(result["error"])
+    _print_error(error, run_dir / "error.log")
+    print(f"run folder: {run_dir.resolve()}", file=sys.stderr)
+    return exit_code_for(error)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from workbench.data import samples
+
+    if args.data_command == "fetch":
+        print(samples.mskt_data_dir(fetch=True))
+        return EXIT_OK
+    from workbench.data.synthetic_knee import write_sample
+
+    paths = write_sample(Path(args.out), preset=args.preset, seed=args.seed, source=args.source, name=args.name,
+                         flip=args.flip, n_echoes=args.echoes)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workbench.models import list_model_folders, verify_model_folder
+    from workbench.registry import REGISTRY
+
+    if args.models_command == "list":
+        folders = list_model_folders()
+        if args.json:
+            print(json.dumps({
+                "registered": [{"name": m.name, "pipeline": m.pipeline, "option": m.option,
+                                "description": m.description, "config": _jsonable(m.config_fields())}
+                               for m in REGISTRY.models.values()],
+                "folders": [{"name": f.name, "path": str(f.path), **{k: v for k, v in f.metadata.items()
+                                                                      if k != "files"}} for f in folders],
+            }, indent=2))
+            return EXIT_OK
+        print("registered models:")
+        for m in REGISTRY.models.values():
+            print(f"  {m.pipeline:6s} {m.option:20s} {m.name:16s} {m.description}")
+        print("model folders:" if folders else "model folders: none shipped yet under models/")
+        for f in folders:
+            print(f"  {f.name:24s} v{f.metadata.get('version', '?'):6s} {f.path}")
+        return EXIT_OK
+    from workbench.config import models_dir
+
+    targets = [Path(p) for p in args.folders] or [f.path for f in list_model_folders(models_dir())]
+    if not targets:
+        print(f"no model folders with metadata.json under {models_dir()}")
+        return EXIT_OK
+    failed = 0
+    for path in targets:
+        report = verify_model_folder(path)
+        if report.ok:
+            print(f"ok      {report.name} ({report.files_checked} files)")
+        else:
+            failed += 1
+            print(f"FAILED  {report.name}: " + "; ".join(report.problems))
+    if failed:
+        _print_error(WorkbenchError(f"{failed} model folder(s) failed verification", code="MODEL_UNAVAILABLE",
+                                    hint="Restore the files from the repository (git checkout -- models/)."))
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workbench.notebook import run_quickstart
+    from workbench.runner import new_run_dir
+
+    out = Path(args.out) if args.out else new_run_dir("demo")
+    print(f"demo folder: {out.resolve()}", file=sys.stderr)
+    try:
+        report = run_quickstart(out, seed=args.seed)
+    except Exception as exc:
+        from workbench.notebook import _notebook_error
+
+        error = _notebook_error(exc)
+        _print_error(error)
+        print(f"report of the failed demo: {out.resolve() / 'report.html'}", file=sys.stderr)
+        return exit_code_for(error)
+    print(report)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.notebook import build_report
+
+    print(build_report(Path(args.run_dir)))
+    return EXIT_OK
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

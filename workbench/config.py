@@ -1,0 +1,200 @@
+"""Base configs, user options and the job config written into each run folder.
+
+The CLI flags, the notebook parameters and the launcher widgets all produce a
+:class:`KneeOptions`; :func:`knee_job_config` maps it onto the base config in
+``configs/knee.yaml`` exactly as the original system's front end did:
+
+=================  =====================================================================
+option             job config
+=================  =====================================================================
+nnunet_fullres     ``default_seg_model: nnunet_knee``, ``nnunet.type: fullres``
+nnunet_cascade     ``default_seg_model: nnunet_knee``, ``nnunet.type: cascade``
+nsm none           ``perform_bone_only_nsm: false``, ``perform_bone_and_cart_nsm: false``
+nsm bone_only      ``perform_bone_only_nsm: true``,  ``perform_bone_and_cart_nsm: false``
+nsm bone_and_cart  ``perform_bone_only_nsm: false``, ``perform_bone_and_cart_nsm: true``
+nsm both           ``perform_bone_only_nsm: true``,  ``perform_bone_and_cart_nsm: true``
+=================  =====================================================================
+
+Folders come from the environment first (as nnU-Net's ``nnUNet_results``
+does): ``$WORKBENCH_CONFIGS``, ``$WORKBENCH_MODELS`` and ``$WORKBENCH_OUTPUTS``,
+falling back to the repository's ``configs/``, ``models/`` and ``outputs/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workbench.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SegmentationModel = Literal["nnunet_fullres", "nnunet_cascade"]
+NsmType = Literal["none", "bone_only", "bone_and_cart", "both"]
+
+#: option value → (default_seg_model, nnunet.type)
+SEGMENTATION_MODELS: dict[str, tuple[str, str]] = {
+    "nnunet_fullres": ("nnunet_knee", "fullres"),
+    "nnunet_cascade": ("nnunet_knee", "cascade"),
+}
+#: option value → (perform_bone_only_nsm, perform_bone_and_cart_nsm)
+NSM_TYPES: dict[str, tuple[bool, bool]] = {
+    "none": (False, False),
+    "bone_only": (True, False),
+    "bone_and_cart": (False, True),
+    "both": (True, True),
+}
+
+
+def _folder(env: str, default: str, must_exist: bool = True) -> Path:
+    value = os.environ.get(env)
+    path = Path(value).expanduser() if value else REPO_ROOT / default
+    if must_exist and not path.is_dir():
+        raise ConfigError(
+            f"{env} is not set and {path} does not exist" if not value else f"{env}={value} is not a folder",
+            f"Set {env} to the workbench's {default}/ folder (it ships in the repository).",
+        )
+    return path
+
+
+def configs_dir() -> Path:
+    """Folder of base configs and presets (``$WORKBENCH_CONFIGS`` or the repository's ``configs/``)."""
+    return _folder("WORKBENCH_CONFIGS", "configs")
+
+
+def models_dir() -> Path:
+    """Folder of model folders (``$WORKBENCH_MODELS`` or the repository's ``models/``)."""
+    return _folder("WORKBENCH_MODELS", "models")
+
+
+def outputs_dir() -> Path:
+    """Default parent of run folders (``$WORKBENCH_OUTPUTS`` or the repository's ``outputs/``)."""
+    return _folder("WORKBENCH_OUTPUTS", "outputs", must_exist=False)
+
+
+def load_base_config(pipeline: str) -> dict[str, Any]:
+    """The base config ``configs/<pipeline>.yaml`` as a dict."""
+    path = configs_dir() / f"{pipeline}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"No base config for pipeline {pipeline!r} at {path}",
+                          "Check WORKBENCH_CONFIGS or the repository's configs/ folder.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+class KneeOptions(BaseModel):
+    """The user-facing options of a knee run (CLI flags, notebook parameters, widgets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="DICOM folder or file, or a 3-D NIfTI volume (.nii/.nii.gz).")
+    segmentation_model: SegmentationModel = Field(
+        "nnunet_fullres", description="nnU-Net configuration: nnunet_fullres (3d_fullres) or nnunet_cascade.")
+    nsm_type: NsmType = Field("none", description="Neural shape model fits: none, bone_only, bone_and_cart, both.")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    series: str | None = Field(None, description="DICOM series to use when the folder holds several.")
+    model_dir: str | None = Field(None, description="An nnU-Net model folder to use instead of the shipped one.")
+    ground_truth: str | None = Field(None, description="Label file to compare the segmentation with.")
+    resample_mm: float | None = Field(None, gt=0, description="Isotropic voxel size (mm) to resample to.")
+    timeout_s: float | None = Field(None, gt=0, description="Limit for the whole run (s); default from config.")
+    step_timeouts: dict[str, float] = Field(default_factory=dict,
+                                            description="Per-step limits (s) by step name, e.g. load_input.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.lower().strip()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("allowed values: auto, cpu, cuda, cuda:N")
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must name a DICOM folder or a NIfTI file")
+        return str(value)
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> "KneeOptions":
+        for name, seconds in self.step_timeouts.items():
+            if seconds <= 0:
+                raise ValueError(f"step_timeouts.{name} must be positive")
+            if self.timeout_s is not None and seconds > self.timeout_s:
+                raise ValueError(f"step_timeouts.{name}={seconds:g} exceeds the run timeout timeout_s={self.timeout_s:g}")
+        return self
+
+
+def parse_options(cls: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """Validate options, turning pydantic's errors into one CONFIG_ERROR naming the option."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = ".".join(str(p) for p in first["loc"]) or "options"
+        if first["type"] == "literal_error":
+            allowed = ", ".join(repr(a) for a in _literal_choices(cls, option))
+            message = f"Option {option}={first.get('input')!r} is not allowed; allowed values: {allowed}"
+        elif first["type"] == "missing":
+            message = f"Option {option} is required"
+        elif first["type"] == "extra_forbidden":
+            known = ", ".join(cls.model_fields)
+            message = f"Unknown option {option!r}; known options: {known}"
+        else:
+            message = f"Option {option}: {first['msg']}"
+        raise ConfigError(message, f"See `workbench run {cls.__name__.removesuffix('Options').lower()} --help`.") \
+            from None
+
+
+def _literal_choices(cls: type[BaseModel], option: str) -> tuple[Any, ...]:
+    field = cls.model_fields.get(option.split(".")[0])
+    return get_args(field.annotation) if field is not None else ()
+
+
+def knee_job_config(options: KneeOptions, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Map validated knee options onto (a copy of) the base config; pure, no I/O when ``base`` is given."""
+    config = copy.deepcopy(base if base is not None else load_base_config("knee"))
+    for key in ("nnunet", "timeouts", "input"):
+        if not isinstance(config.get(key), dict):
+            raise ConfigError(f"The knee base config lacks the {key!r} section")
+    seg_family, nnunet_type = SEGMENTATION_MODELS[options.segmentation_model]
+    config["default_seg_model"] = seg_family
+    config["nnunet"]["type"] = nnunet_type
+    if options.model_dir:
+        config["nnunet"]["model_name"] = options.model_dir
+    bone_only, bone_and_cart = NSM_TYPES[options.nsm_type]
+    config["perform_bone_only_nsm"] = bone_only
+    config["perform_bone_and_cart_nsm"] = bone_and_cart
+    config["input"]["path"] = options.input
+    if options.series is not None:
+        config["input"]["series"] = options.series
+    if options.resample_mm is not None:
+        config["input"]["resample_mm"] = options.resample_mm
+    if options.ground_truth is not None:
+        config["input"]["ground_truth"] = options.ground_truth
+    config["device"] = options.device
+    if options.timeout_s is not None:
+        config["timeouts"]["run_s"] = options.timeout_s
+    for name, seconds in options.step_timeouts.items():
+        config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+    run_s = config["timeouts"].get("run_s")
+    for key, seconds in config["timeouts"].items():
+        if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
+            config["timeouts"][key] = run_s  # a step can never outlive its run
+    return config
+
+
+def nsm_type_from_config(config: dict[str, Any]) -> str:
+    """The inverse of the NSM mapping: the two flags back to an ``nsm_type`` value."""
+    flags = (bool(config.get("perform_bone_only_nsm")), bool(config.get("perform_bone_and_cart_nsm")))
+    return {v: k for k, v in NSM_TYPES.items()}[flags]

@@ -1,0 +1,52 @@
+"""Notebook display helpers: run summaries as tables (no pipeline logic)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+
+def load_result(run_dir: str | Path) -> dict[str, Any]:
+    """The ``result.json`` of a run folder."""
+    return json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+
+
+def steps_html(result: dict[str, Any]) -> str:
+    """An HTML table of the run's steps: status, model, seconds, peak memory, error code."""
+    rows = []
+    for step in result.get("steps", []):
+        error = step.get("error") or {}
+        rows.append(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                step["name"], step["status"], step.get("model") or "", f"{step.get('seconds') or 0:.1f}",
+                "" if step.get("peak_rss_mb") is None else f"{step['peak_rss_mb']:.0f}",
+                "" if step.get("peak_gpu_mb") is None else f"{step['peak_gpu_mb']:.0f}",
+                error.get("code") or "", error.get("message") or "",
+            )) + "</tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in (
+        "step", "status", "model", "seconds", "peak RSS (MiB)", "peak GPU (MiB)", "code", "message"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def summary_html(result: dict[str, Any]) -> str:
+    """Status line, error (code, message, hint) if any, and the steps table."""
+    status = result.get("status", "?")
+    parts = [f"<p><b>status:</b> {html.escape(status)} &nbsp; <b>pipeline:</b> {html.escape(result.get('pipeline', ''))}"
+             f" &nbsp; <b>seconds:</b> {result.get('seconds', 0):.1f} &nbsp; <b>device:</b> "
+             f"{html.escape(str(result.get('device')))}</p>"]
+    error = result.get("error")
+    if error:
+        parts.append(f"<p><b>error {html.escape(error['code'])}</b>: {html.escape(error['message'])}<br>"
+                     f"<i>hint:</i> {html.escape(error.get('hint') or '')}</p>")
+    parts.append(steps_html(result))
+    return "\n".join(parts)
+
+
+def show_result(result: dict[str, Any]) -> None:
+    """Display :func:`summary_html` in the notebook."""
+    from IPython.display import HTML, display
+
+    display(HTML(summary_html(result)))

@@ -1,0 +1,147 @@
+"""Step functions of the knee pipeline.
+
+Each takes a :class:`~workbench.runner.StepContext` and plain inputs (paths,
+numbers), writes its files into ``ctx.work_dir`` and returns a
+:class:`~workbench.runner.StepResult`; the runner runs it in a child process.
+They can be called directly in tests with ``StepContext.for_testing(tmp)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from workbench.errors import InputNotFound, InvalidFormat
+from workbench.io.volume import Volume, resample_isotropic, same_grid
+from workbench.outputs import Output
+from workbench.runner import StepContext, StepResult
+
+LABEL_VALUES = list(range(0, 16))
+
+
+def case_name(input_path: str | Path) -> str:
+    """A file-name-safe case name from an input path (``knee.nii.gz`` → ``knee``)."""
+    name = Path(str(input_path).rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "case"
+
+
+def load_input(
+    ctx: StepContext,
+    input_path: str,
+    case: str,
+    series: str | None = None,
+    resample_mm: float | None = None,
+    ground_truth: str | None = None,
+) -> StepResult:
+    """Read a DICOM series or NIfTI volume, bring it to canonical RAS orientation and write it out.
+
+    Writes ``<case>_image.nii.gz`` (canonical, resampled when ``resample_mm``
+    is set), ``<case>_echoes.nii.gz`` for multi-echo input, ``<case>_preview.png``
+    (three orthogonal slices), ``input.json`` (geometry and provenance) and,
+    when ``ground_truth`` is given, ``<case>_ground-truth.nii.gz`` after
+    checking that it lies on the image's grid.
+    """
+    from workbench.figures import orthogonal_slices, save_figure
+    from workbench.io.load import load_volume
+    from workbench.io.nifti import write_nifti
+
+    ctx.progress(0.0, f"reading {input_path}")
+    volume = load_volume(input_path, series=series, canonical=True)
+    original = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing]}
+    _check_image(volume, input_path)
+    ctx.progress(0.4, "read")
+
+    labels: Volume | None = None
+    if ground_truth:
+        if not Path(ground_truth).exists():
+            raise InputNotFound(f"Ground-truth label file {ground_truth} does not exist")
+        labels = load_volume(ground_truth, canonical=True)
+        if not same_grid(volume, labels, atol_mm=0.05):
+            raise InvalidFormat(
+                f"Ground truth {Path(ground_truth).name} (shape {list(labels.shape)}) is not on the grid of "
+                f"{Path(input_path).name} (shape {list(volume.shape)})",
+                "Give a label map in the input image's space (same shape and affine).",
+            )
+        labels = Volume(np.rint(labels.data).astype(np.uint8), volume.affine.copy(), meta=labels.meta)
+
+    if resample_mm:
+        ctx.progress(0.5, f"resampling to {resample_mm} mm")
+        volume = resample_isotropic(volume, float(resample_mm), order=1)
+        if labels is not None:
+            labels = resample_isotropic(labels, float(resample_mm), order=0)
+
+    outputs: dict[str, Output] = {}
+    image_name = f"{case}_image.nii.gz"
+    write_nifti(volume.data.astype(np.float32), volume.affine, ctx.work_dir / image_name)
+    outputs["image"] = Output(image_name, "nifti", expect={
+        "shape": list(volume.shape), "affine": volume.affine.tolist(), "dtype_kind": "f"},
+        description="input image, canonical RAS orientation")
+    if volume.echoes is not None:
+        echo_name = f"{case}_echoes.nii.gz"
+        write_nifti(volume.echoes.astype(np.float32), volume.affine, ctx.work_dir / echo_name)
+        outputs["echoes"] = Output(echo_name, "nifti", expect={"shape": list(volume.echoes.shape)},
+                                   description="all echoes (last axis), for T2 mapping")
+    if labels is not None:
+        gt_name = f"{case}_ground-truth.nii.gz"
+        write_nifti(labels.data, labels.affine, ctx.work_dir / gt_name, dtype=np.uint8)
+        outputs["ground_truth"] = Output(gt_name, "nifti", expect={
+            "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
+            description="ground-truth labels on the image grid")
+    ctx.progress(0.7, "writing preview")
+    preview_name = f"{case}_preview.png"
+    save_figure(orthogonal_slices(volume, labels, title=case), ctx.work_dir / preview_name)
+    outputs["preview"] = Output(preview_name, "png", description="orthogonal slices")
+
+    info = {
+        "case": case,
+        "input": str(input_path),
+        "orientation": "RAS",
+        "shape": list(volume.shape),
+        "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "affine": np.round(volume.affine, 6).tolist(),
+        "original": original,
+        "n_echoes": volume.n_echoes,
+        "echo_times_ms": [float(t) for t in volume.echo_times_ms],
+        "intensity": {"min": float(np.min(volume.data)), "max": float(np.max(volume.data)),
+                      "mean": float(np.mean(volume.data))},
+        "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+    }
+    (ctx.work_dir / "input.json").write_text(json.dumps(info, indent=2, default=str))
+    outputs["info"] = Output("input.json", "json", expect={"schema": INPUT_INFO_SCHEMA}, description="input geometry")
+    ctx.progress(1.0, "done")
+    metrics = {"shape": info["shape"], "spacing_mm": info["spacing_mm"], "n_echoes": volume.n_echoes}
+    if labels is not None:
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        present = [int(v) for v in np.unique(labels.data) if v > 0]
+        metrics["ground_truth_volumes_ml"] = {
+            str(v): round(float(np.count_nonzero(labels.data == v)) * voxel_ml, 3) for v in present}
+    return StepResult(outputs=outputs, metrics=metrics, values={"case": case})
+
+
+def _check_image(volume: Volume, input_path: str) -> None:
+    if volume.data.ndim != 3 or min(volume.shape) < 2:
+        raise InvalidFormat(f"{Path(input_path).name} has shape {list(volume.data.shape)}; expected a 3-D volume "
+                            "with at least 2 voxels along each axis")
+    if not np.all(np.isfinite(volume.data)):
+        raise InvalidFormat(f"{Path(input_path).name} holds NaN or infinite voxel values")
+    if float(np.ptp(volume.data)) == 0.0:
+        raise InvalidFormat(f"{Path(input_path).name} is constant ({float(volume.data.flat[0])}); no image content")
+
+
+INPUT_INFO_SCHEMA = {
+    "type": "object",
+    "required": ["case", "shape", "spacing_mm", "affine", "orientation", "n_echoes"],
+    "properties": {
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 2}, "minItems": 3, "maxItems": 3},
+        "spacing_mm": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 3},
+        "orientation": {"const": "RAS"},
+        "n_echoes": {"type": "integer", "minimum": 1},
+    },
+}
