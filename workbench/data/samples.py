@@ -97,10 +97,9 @@ def _fetch_mskt(target: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            for member in tar.getmembers():  # keep the licence beside the data
-                if member.name == f"mskt-{MSKT_VERSION}/LICENSE" and member.isfile():
-                    with tar.extractfile(member) as src, open(staging / "LICENSE.mskt", "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+            # keep the package metadata (it states the MIT licence) beside the data
+            with tar.extractfile(f"mskt-{MSKT_VERSION}/PKG-INFO") as src, open(staging / "PKG-INFO.mskt", "wb") as dst:
+                shutil.copyfileobj(src, dst)
         (staging / ".complete").write_text(f"mskt {MSKT_VERSION}\n")
         if target.exists():
             shutil.rmtree(target)
