@@ -150,18 +150,23 @@ def _print_error(error: WorkbenchError, log: Path | None = None) -> None:
         print(f"details: {log}", file=sys.stderr)
 
 
+def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The knee notebook's parameters (plain types) from parsed ``workbench run knee`` arguments."""
+    return {
+        "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
+        "device": args.device, "series": args.series, "model_dir": args.model_dir,
+        "ground_truth": args.ground_truth, "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
+        "step_timeouts": dict(args.step_timeouts),
+    }
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from workbench.config import KneeOptions, parse_options
     from workbench.gpu import resolve_device
     from workbench.notebook import run_job
     from workbench.runner import new_run_dir
 
-    options: dict[str, Any] = {
-        "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
-        "device": args.device, "series": args.series, "model_dir": args.model_dir,
-        "ground_truth": args.ground_truth, "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
-        "step_timeouts": dict(args.step_timeouts),
-    }
+    options = knee_parameters(args)
     validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written
     resolve_device(validated.device)
     run_dir = Path(args.out) if args.out else new_run_dir(args.pipeline)
