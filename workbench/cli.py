@@ -192,7 +192,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "fetch":
         print(samples.mskt_data_dir(fetch=True))
         return EXIT_OK
-    from workbench.data.synthetic_knee import write_sample
+    from workbench.data.samples import write_sample
 
     paths = write_sample(Path(args.out), preset=args.preset, seed=args.seed, source=args.source, name=args.name,
                          flip=args.flip, n_echoes=args.echoes)

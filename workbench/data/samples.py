@@ -104,3 +104,36 @@ def _fetch_mskt(target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+
+
+#: Keys of the paths :func:`write_sample` returns.
+SAMPLE_KEYS = ("dicom", "image", "labels", "case")
+
+
+def write_sample(out_dir: str | Path, *, preset: str = "small", seed: int = 0, source: str | None = None,
+                 name: str = "knee_sample", flip: bool = False, n_echoes: int = 0) -> dict[str, Path]:
+    """Write the bundled synthetic knee case into ``out_dir`` and return its paths.
+
+    The case is made by :mod:`workbench.data.synthetic_knee` from a real knee
+    label map (fetched once, see :func:`mskt_data_dir`): a DICOM series
+    (``dicom``), the same image as NIfTI (``image``), the ground-truth labels
+    (``labels``) and the case's parameters (``case``).  An existing complete
+    case with the same settings is reused.
+    """
+    import json
+
+    from workbench.data.synthetic_knee import SyntheticKneeConfig, generate_case, write_case
+
+    out_dir = Path(out_dir)
+    settings = {"preset": preset, "seed": seed, "source": source, "flip": flip, "n_echoes": n_echoes}
+    stamp = out_dir / f"{name}.sample.json"
+    if stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        paths = {k: Path(v) for k, v in saved.get("paths", {}).items()}
+        if saved.get("settings") == settings and paths and all(p.exists() for p in paths.values()):
+            return paths
+    config = SyntheticKneeConfig.from_preset(preset, seed=seed, source=source, flip=flip, n_echoes=n_echoes)
+    written = write_case(generate_case(config), out_dir, name)
+    paths = {key: Path(written[key]) for key in SAMPLE_KEYS}
+    stamp.write_text(json.dumps({"settings": settings, "paths": {k: str(v) for k, v in paths.items()}}, indent=2))
+    return paths

@@ -1,0 +1,78 @@
+"""Papermill runs of every notebook, the HTML report, and nbval on the quickstart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from workbench.cli import main
+from workbench.data.synthetic_knee import write_sample
+from workbench.notebook import notebooks_dir, run_quickstart
+from workbench.outputs import sha256_of
+from workbench.schemas import RESULT_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("sample"), preset="small", seed=3, name="knee_sample")
+
+
+def test_notebooks_are_committed_without_outputs():
+    for path in notebooks_dir().glob("*.ipynb"):
+        nb = json.loads(path.read_text())
+        assert all(not c.get("outputs") for c in nb["cells"]), path.name
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+
+
+@pytest.mark.slow
+def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "knee", "--input", str(sample["dicom"]), "--ground-truth", str(sample["labels"]),
+                 "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.strip().endswith("report.html")
+    for name in ("report.ipynb", "report.html", "result.json", "config.json", "progress.jsonl"):
+        assert (out / name).is_file(), name
+    assert not (out / "error.log").exists()
+    result = json.loads((out / "result.json").read_text())
+    jsonschema.validate(result, RESULT_SCHEMA)
+    assert result["status"] == "ok" and result["parameters"]["input"] == str(sample["dicom"])
+    for record in result["outputs"]:
+        assert sha256_of(out / record["path"]) == record["sha256"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html  # figures embedded
+    assert "run_knee(options" not in html  # code hidden
+    events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert events[0]["kind"] == "run_start" and events[-1]["kind"] == "run_end"
+    # the report can be rebuilt
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_runs_headless(tmp_path):
+    report = run_quickstart(tmp_path / "demo", seed=1)
+    assert report.is_file() and "data:image/png;base64" in report.read_text()
+    result = json.loads((tmp_path / "demo" / "knee-run" / "result.json").read_text())
+    assert result["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_quickstart_nbval_lax(tmp_path):
+    env = dict(os.environ, WORKBENCH_OUTPUTS=str(tmp_path / "outputs"), MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+         str(notebooks_dir() / "quickstart.ipynb"), "--rootdir", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
