@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from workbench.cli import main
-from workbench.data.synthetic_knee import write_sample
+from workbench.data.samples import write_sample
 from workbench.notebook import notebooks_dir, run_quickstart
 from workbench.outputs import sha256_of
 from workbench.schemas import RESULT_SCHEMA
@@ -71,7 +71,7 @@ def test_quickstart_runs_headless(tmp_path):
 def test_quickstart_nbval_lax(tmp_path):
     env = dict(os.environ, WORKBENCH_OUTPUTS=str(tmp_path / "outputs"), MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
          str(notebooks_dir() / "quickstart.ipynb"), "--rootdir", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )

@@ -65,6 +65,18 @@ def kernel_name() -> str:
     return os.environ.get("WORKBENCH_KERNEL", "python3")
 
 
+def _ipc_kernel_manager():
+    """A kernel manager on Unix-domain sockets: nothing listens on TCP, and no unencrypted-TCP warning."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(*args, **kwargs)
+
+    return IpcKernelManager
+
+
 def execute_notebook(
     notebook: str | Path,
     output: str | Path,
@@ -89,6 +101,7 @@ def execute_notebook(
             str(notebook), str(output), parameters=parameters, kernel_name=kernel_name(),
             cwd=str(cwd) if cwd else None, execution_timeout=int(timeout_s) if timeout_s else None,
             progress_bar=False, log_output=log_output, request_save_on_cell_execute=True,
+            kernel_manager_class=_ipc_kernel_manager() if os.name == "posix" else None,
         )
     finally:
         if env_backup is None:
