@@ -39,3 +39,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "mese" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mskt_dir():
+    """The cached mskt sample data folder; the test is skipped when it is absent."""
+    from workbench.data.samples import mskt_data_dir
+    from workbench.errors import WorkbenchError
+
+    try:
+        return mskt_data_dir(fetch=False)
+    except WorkbenchError as exc:
+        pytest.skip(f"mskt sample data absent: {exc.message}")

@@ -517,15 +517,8 @@ def test_fast_pixel_path_equals_pydicom(oblique):
 
 
 @pytest.fixture(scope="module")
-def mese():
-    from workbench.data.samples import mese_dir, mskt_data_dir
-    from workbench.errors import WorkbenchError
-
-    try:
-        mskt_data_dir(fetch=False)
-    except WorkbenchError as exc:
-        pytest.skip(f"MESE sample data absent: {exc.message}")
-    return mese_dir(fetch=False)
+def mese(mskt_dir):
+    return mskt_dir / "MESE_T2_dicom_data_anon"
 
 
 @pytest.mark.mese

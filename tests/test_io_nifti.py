@@ -213,14 +213,9 @@ def test_nifti_label_map(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mskt_labels():
-    from workbench.data.samples import label_map_paths, mskt_data_dir
-    from workbench.errors import WorkbenchError
+def mskt_labels(mskt_dir):
+    from workbench.data.samples import label_map_paths
 
-    try:
-        mskt_data_dir(fetch=False)
-    except WorkbenchError as exc:
-        pytest.skip(f"mskt sample data absent: {exc.message}")
     return label_map_paths(fetch=False)
 
 
