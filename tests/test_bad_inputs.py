@@ -135,4 +135,5 @@ def test_bad_input_fails_cleanly(tmp_path, capsys, label, make, code, word):
     assert leftovers == [], leftovers
     assert not (out / ".work").exists()
     assert (out / "error.log").read_text().strip()
-    assert (out / "report.html").is_file()  # a failed run still has its report
+    report = (out / "report.html").read_text()  # a failed run still has its report
+    assert code in report and "Traceback" not in report  # code, message, hint; the traceback is in error.log

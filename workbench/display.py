@@ -50,3 +50,30 @@ def show_result(result: dict[str, Any]) -> None:
     from IPython.display import HTML, display
 
     display(HTML(summary_html(result)))
+
+
+def install_error_display() -> bool:
+    """Show workbench errors in this IPython kernel as code, message and hint instead of a traceback.
+
+    The cell still fails (papermill still sees the error and stops), but the
+    notebook and its HTML report show three lines; the traceback is in the run
+    folder's ``error.log``.  Returns False outside IPython.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with ipykernel
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    from workbench.errors import WorkbenchError
+
+    def _show(shell, etype, value, tb, tb_offset=None):
+        lines = [f"{value.code.value}: {value.message}", f"hint: {value.hint}"]
+        if value.step:
+            lines.append(f"step: {value.step} (traceback in the run folder's error.log)")
+        shell._showtraceback(etype, value, lines)
+        return lines
+
+    shell.set_custom_exc((WorkbenchError,), _show)
+    return True
