@@ -20,7 +20,8 @@ def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv + ["--help"])
     assert info.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out and "examples:" in out
 
 
 @pytest.mark.parametrize("argv", [["run", "knee", "--input", "x", "--example"], ["dance"]])
@@ -53,6 +54,15 @@ def test_bad_options_exit_2_before_anything_is_written(argv, word, capsys, tmp_p
     assert code == 2
     assert word in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_data_sample_writes_a_case(tmp_path, capsys):
+    assert main(["data", "sample", "knee", "--out", str(tmp_path), "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    for key in ("dicom", "image", "labels", "case"):
+        assert f"{key}: " in out
+    assert len(list((tmp_path / "knee_sample_dicom").iterdir())) > 10
+    assert (tmp_path / "knee_sample_labels.nii.gz").stat().st_size > 1000
 
 
 def test_models_list_and_verify(tmp_path, monkeypatch, capsys):

@@ -49,12 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="workbench", description="Research workbench: knee MRI analysis and 3D reconstruction.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="Run `workbench COMMAND --help` for each command's options and examples.")
+                     epilog="examples:\n  workbench demo\n  workbench run knee --input scan.nii.gz\n"
+                            "  workbench data sample knee --out data/sample\n\n"
+                            "Run `workbench COMMAND --help` for each command's options and examples.")
     parser.add_argument("--version", action="version", version=f"workbench {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     # run ------------------------------------------------------------------------------
     run = sub.add_parser("run", help="run a pipeline headless (papermill) into a run folder",
+                         epilog=EPILOG_RUN_KNEE, formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Run a pipeline's notebook headless into a run folder holding report.ipynb, "
                                      "report.html, result.json, config.json, progress.jsonl and the outputs.")
     run_sub = run.add_subparsers(dest="pipeline", required=True, parser_class=_Parser)
@@ -84,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     data_sub.add_parser("fetch", help="download and cache the real sample files (mskt sdist from PyPI)",
                         description="Fetch the mskt 0.1.22 sdist with pip once and cache its data "
-                                    "(set WORKBENCH_CACHE to choose where).")
+                                    "(set WORKBENCH_CACHE to choose where).",
+                        epilog="examples:\n  workbench data fetch\n  WORKBENCH_CACHE=/scratch/wb workbench data fetch",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sample = data_sub.add_parser("sample", help="write a synthetic sample case", epilog=EPILOG_DATA,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sample.add_argument("pipeline", choices=["knee"], help="which pipeline's sample")
@@ -101,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="examples:\n  workbench models list\n  workbench models verify",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
-    lst = models_sub.add_parser("list", help="registered models and shipped model folders")
+    lst = models_sub.add_parser("list", help="registered models and shipped model folders",
+                                epilog="examples:\n  workbench models list\n  workbench models list --json",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    ver = models_sub.add_parser("verify", help="check the sha256 of every shipped weight file")
+    ver = models_sub.add_parser("verify", help="check the sha256 of every shipped weight file",
+                                epilog="examples:\n  workbench models verify\n  workbench models verify models/knee_nnunet",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     ver.add_argument("folders", nargs="*", help="model folders (default: every folder under models/)")
 
     # demo -----------------------------------------------------------------------------

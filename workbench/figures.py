@@ -8,17 +8,15 @@ import numpy as np
 
 from workbench.io.volume import Volume
 
-#: Colours of the workbench label table (1-9) for overlays.
-LABEL_COLOURS = {
-    1: "#e6194b", 2: "#3cb44b", 3: "#ffe119", 4: "#4363d8", 5: "#f58231",
-    6: "#911eb4", 7: "#46f0f0", 8: "#f032e6", 9: "#bcf60c",
-}
-
-
 def _label_cmap():
+    """Colour map over label values 0-15 from the label table's colours (0 transparent)."""
     from matplotlib.colors import ListedColormap
 
-    colours = ["#00000000"] + [LABEL_COLOURS.get(i, "#ffffff") for i in range(1, 16)]
+    from workbench.data.labels import color_lut
+
+    lut = color_lut()[:16].astype(float) / 255.0
+    colours = np.concatenate([lut, np.ones((len(lut), 1))], axis=1)
+    colours[0, 3] = 0.0
     return ListedColormap(colours)
 
 
