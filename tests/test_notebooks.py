@@ -52,6 +52,7 @@ def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html  # figures embedded
     assert "run_knee(options" not in html  # code hidden
+    assert "<script src=" not in html and "cdnjs" not in html  # nothing fetched from the network
     events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert events[0]["kind"] == "run_start" and events[-1]["kind"] == "run_end"
     # the report can be rebuilt

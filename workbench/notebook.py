@@ -121,7 +121,8 @@ def build_report(run_dir: str | Path, notebook: str = "report.ipynb", html: str 
     if not source.is_file():
         raise ConfigError(f"{source} does not exist", "Is this a run folder? It needs report.ipynb.")
     nb = nbformat.read(str(source), as_version=4)
-    exporter = HTMLExporter(template_name="lab")
+    exporter = HTMLExporter(template_name="workbench_report",
+                            extra_template_basedirs=[str(Path(__file__).resolve().parent / "templates")])
     exporter.exclude_input = True
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
