@@ -158,3 +158,28 @@ def test_no_step_processes_left_behind(tmp_path):
         run.step("s", "step_fixtures:sleep_step", seconds=0.1)
     after = {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
     assert after <= before
+
+
+def test_interrupting_the_parent_kills_the_step(tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the parent (Jupyter's stop button) ends the step's process group at once."""
+    import workbench.runner as runner_module
+
+    pid_file = tmp_path / "pid"
+    real_sleep = time.sleep
+
+    def interrupting_poll(self, timeout=0.0):
+        if pid_file.exists():  # the step is running: the user presses stop
+            raise KeyboardInterrupt
+        real_sleep(timeout)
+        return False
+
+    from multiprocessing.connection import Connection
+
+    monkeypatch.setattr(Connection, "poll", interrupting_poll)
+    t0 = time.monotonic()
+    with pytest.raises(WorkbenchError) as info, make_run(tmp_path) as run:
+        run.step("sleepy", "step_fixtures:sleep_step", seconds=60, pid_file=str(pid_file))
+    assert info.value.code is ErrorCode.CANCELLED and time.monotonic() - t0 < 20
+    pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert runner_module.group_members(pid) == []

@@ -490,6 +490,10 @@ class Run:
                     message = None
                     continue
                 break
+        except BaseException:
+            # Timeout, cancel, or the user interrupting the kernel: the step's group must not outlive it.
+            kill_process_group(process.pid, grace_s=1.0, process=process)
+            raise
         finally:
             parent_conn.close()
             try:
