@@ -53,8 +53,12 @@ def load_input(
     from workbench.io.nifti import write_nifti
 
     ctx.progress(0.0, f"reading {input_path}")
-    volume = load_volume(input_path, series=series, canonical=True)
-    original = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing]}
+    from workbench.io.volume import to_canonical
+
+    volume = load_volume(input_path, series=series, canonical=False)
+    original = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing],
+                "affine": volume.affine.tolist()}  # the voxel order models see (as nnU-Net reads the file)
+    volume = to_canonical(volume)
     _check_image(volume, input_path)
     ctx.progress(0.4, "read")
 
@@ -145,3 +149,87 @@ INPUT_INFO_SCHEMA = {
         "n_echoes": {"type": "integer", "minimum": 1},
     },
 }
+
+
+def segment(
+    ctx: StepContext,
+    image: str,
+    case: str,
+    model: str,
+    model_overrides: dict | None = None,
+    original_affine: list | None = None,
+    largest_component: bool = True,
+    fill_bone_holes: bool = True,
+    ground_truth: str | None = None,
+) -> StepResult:
+    """Segment the canonical image with a registered nnU-Net model; write ``<case>_all-labels.nii.gz``.
+
+    The image is handed to nnU-Net in the input's original voxel order
+    (``original_affine``), as nnU-Net sees the file, and the labels are brought
+    back onto the canonical grid.  Writes ``<case>_segmentation.json`` with the
+    volume of every structure (mm³) and, when ``ground_truth`` is given, Dice.
+    """
+    import nibabel as nib
+
+    from workbench.data.labels import KNEE_LABELS
+    from workbench.io.nifti import write_nifti
+    from workbench.knee.segmentation import dice_scores, postprocess
+    from workbench.registry import REGISTRY
+
+    spec = REGISTRY.model(model)
+    segmenter = spec.load(device=ctx.device, **(model_overrides or {}))
+    ctx.progress(0.02, "reading image")
+    img = nib.load(image)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    to_original, to_canonical_ornt = _orientation_transforms(img.affine, original_affine, data.shape)
+    original = nib.orientations.apply_orientation(data, to_original)
+    spacing = np.linalg.norm(np.asarray(original_affine if original_affine else img.affine)[:3, :3], axis=0)
+    seg_zyx = segmenter.predict(original.transpose(2, 1, 0), tuple(spacing[::-1]),
+                                progress=lambda f, m: ctx.progress(0.05 + 0.85 * f, m))
+    labels = nib.orientations.apply_orientation(seg_zyx.transpose(2, 1, 0), to_canonical_ornt).astype(np.uint8)
+    ctx.progress(0.92, "post-processing")
+    if largest_component or fill_bone_holes:
+        labels = postprocess(labels, largest_component, fill_bone_holes)
+    name = f"{case}_all-labels.nii.gz"
+    write_nifti(labels, img.affine, ctx.work_dir / name, dtype=np.uint8)
+
+    voxel_mm3 = float(np.prod(img.header.get_zooms()[:3]))
+    counts = np.bincount(labels.ravel(), minlength=16)
+    summary = {
+        "model": model,
+        "configurations": [stage.name for stage in segmenter.stages],
+        "model_folder": str(segmenter.stages[-1].folder),
+        "volumes_mm3": {label.key: round(float(counts[label.value]) * voxel_mm3, 1) for label in KNEE_LABELS},
+        "dice": None,
+    }
+    if ground_truth:
+        truth = np.asarray(nib.load(ground_truth).dataobj).astype(np.int16)
+        if truth.shape != labels.shape:
+            raise InvalidFormat(f"Ground truth {Path(ground_truth).name} does not match the segmentation's grid")
+        scores = dice_scores(labels, truth)
+        summary["dice"] = {label.key: (None if scores[label.value] is None else round(scores[label.value], 4))
+                           for label in KNEE_LABELS}
+    (ctx.work_dir / f"{case}_segmentation.json").write_text(json.dumps(summary, indent=2))
+    ctx.progress(1.0, "done")
+    outputs = {
+        "labels": Output(name, "nifti", expect={"shape": list(labels.shape), "affine": img.affine.tolist(),
+                                                "labels": list(range(10))},
+                         description="segmentation, workbench label table"),
+        "summary": Output(f"{case}_segmentation.json", "json", description="volumes and Dice"),
+    }
+    metrics = {"volumes_mm3": summary["volumes_mm3"]}
+    if summary["dice"] is not None:
+        metrics["dice"] = summary["dice"]
+    return StepResult(outputs=outputs, metrics=metrics)
+
+
+def _orientation_transforms(canonical_affine, original_affine, shape):
+    """nibabel orientation transforms canonical → original voxel order and back."""
+    import nibabel as nib
+
+    identity = np.array([[0, 1], [1, 1], [2, 1]])
+    if original_affine is None:
+        return identity, identity
+    canonical = nib.orientations.io_orientation(np.asarray(canonical_affine))
+    original = nib.orientations.io_orientation(np.asarray(original_affine))
+    return nib.orientations.ornt_transform(canonical, original), nib.orientations.ornt_transform(original, canonical)
