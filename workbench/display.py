@@ -77,3 +77,21 @@ def install_error_display() -> bool:
 
     shell.set_custom_exc((WorkbenchError,), _show)
     return True
+
+
+def segmentation_html(summary: dict[str, Any]) -> str:
+    """A table per structure: volume (mm³) and, when a ground truth was given, Dice."""
+    from workbench.data.labels import KNEE_LABELS
+
+    dice = summary.get("dice") or {}
+    head = "<th>label</th><th>structure</th><th>volume (mm³)</th>" + ("<th>Dice</th>" if dice else "")
+    rows = []
+    for label in KNEE_LABELS:
+        cells = [str(label.value), html.escape(label.name), f"{summary['volumes_mm3'].get(label.key, 0):,.0f}"]
+        if dice:
+            value = dice.get(label.key)
+            cells.append("–" if value is None else f"{value:.3f}")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    caption = (f"<p><b>model:</b> {html.escape(summary.get('model', ''))} "
+               f"({html.escape(', '.join(summary.get('configurations', [])))})</p>")
+    return f"{caption}<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"

@@ -126,7 +126,8 @@ def load_input(
         present = [int(v) for v in np.unique(labels.data) if v > 0]
         metrics["ground_truth_volumes_ml"] = {
             str(v): round(float(np.count_nonzero(labels.data == v)) * voxel_ml, 3) for v in present}
-    return StepResult(outputs=outputs, metrics=metrics, values={"case": case})
+    return StepResult(outputs=outputs, metrics=metrics,
+                      values={"case": case, "original_affine": original["affine"]})
 
 
 def _check_image(volume: Volume, input_path: str) -> None:
@@ -155,7 +156,7 @@ def segment(
     ctx: StepContext,
     image: str,
     case: str,
-    model: str,
+    model_name: str,
     model_overrides: dict | None = None,
     original_affine: list | None = None,
     largest_component: bool = True,
@@ -176,14 +177,16 @@ def segment(
     from workbench.knee.segmentation import dice_scores, postprocess
     from workbench.registry import REGISTRY
 
-    spec = REGISTRY.model(model)
+    spec = REGISTRY.model(model_name)
     segmenter = spec.load(device=ctx.device, **(model_overrides or {}))
     ctx.progress(0.02, "reading image")
     img = nib.load(image)
     data = np.asarray(img.dataobj, dtype=np.float32)
     to_original, to_canonical_ornt = _orientation_transforms(img.affine, original_affine, data.shape)
     original = nib.orientations.apply_orientation(data, to_original)
-    spacing = np.linalg.norm(np.asarray(original_affine if original_affine else img.affine)[:3, :3], axis=0)
+    # spacing along the re-ordered axes (also right when the image was resampled: only directions are reused)
+    reordered_affine = img.affine @ nib.orientations.inv_ornt_aff(to_original, data.shape)
+    spacing = np.linalg.norm(reordered_affine[:3, :3], axis=0)
     seg_zyx = segmenter.predict(original.transpose(2, 1, 0), tuple(spacing[::-1]),
                                 progress=lambda f, m: ctx.progress(0.05 + 0.85 * f, m))
     labels = nib.orientations.apply_orientation(seg_zyx.transpose(2, 1, 0), to_canonical_ornt).astype(np.uint8)
@@ -196,7 +199,7 @@ def segment(
     voxel_mm3 = float(np.prod(img.header.get_zooms()[:3]))
     counts = np.bincount(labels.ravel(), minlength=16)
     summary = {
-        "model": model,
+        "model": model_name,
         "configurations": [stage.name for stage in segmenter.stages],
         "model_folder": str(segmenter.stages[-1].folder),
         "volumes_mm3": {label.key: round(float(counts[label.value]) * voxel_mm3, 1) for label in KNEE_LABELS},
