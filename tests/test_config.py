@@ -94,3 +94,15 @@ def test_missing_config_folder_gives_a_helpful_error(monkeypatch, tmp_path):
     monkeypatch.setenv("WORKBENCH_CONFIGS", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="WORKBENCH_CONFIGS"):
         load_base_config("knee")
+
+
+def test_set_overrides_parse_values_and_reject_unknown_keys():
+    options = KneeOptions(input="x", overrides={"nnunet.folds": "[0, 1]", "nnunet.use_mirroring": "true",
+                                                 "nnunet.tile_step_size": 0.25})
+    config = knee_job_config(options, BASE)
+    assert config["nnunet"]["folds"] == [0, 1] and config["nnunet"]["use_mirroring"] is True
+    assert config["nnunet"]["tile_step_size"] == 0.25
+    for bad in ({"nnunet.fold": "1"}, {"nnunett.folds": "1"}, {"bones.femur.tissue_idx.x": "1"}):
+        with pytest.raises(ConfigError) as info:
+            knee_job_config(KneeOptions(input="x", overrides=bad), BASE)
+        assert list(bad)[0].split(".")[0] in info.value.message

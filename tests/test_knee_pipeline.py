@@ -35,13 +35,15 @@ def test_case_names():
     assert case_name("x.NII") == "x"
 
 
-def test_run_knee_writes_canonical_image_and_records_skipped_steps(tmp_path):
+def test_run_knee_writes_canonical_image(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_MODELS", str(tmp_path / "no_models"))  # no segmentation model installed
+    (tmp_path / "no_models").mkdir()
     data, affine = _nifti(tmp_path / "scan.nii.gz")
     run = run_knee({"input": str(tmp_path / "scan.nii.gz"), "device": "cpu"}, run_dir=tmp_path / "run")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "ok"
     assert [(s["name"], s["status"]) for s in result["steps"]] == [("load_input", "ok"), ("segmentation", "skipped")]
-    assert "not part of this workbench version" in result["steps"][1]["error"]["message"]
+    assert "--model-dir" in result["steps"][1]["error"]["message"]
     img = nib.load(str(run.run_dir / "scan_image.nii.gz"))
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     out = np.asarray(img.dataobj)
@@ -89,7 +91,7 @@ def test_ground_truth_on_another_grid_is_invalid_format(tmp_path):
 def test_constant_image_is_rejected(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
     with pytest.raises(WorkbenchError, match="constant"):
-        run_knee({"input": str(tmp_path / "flat.nii.gz"), "device": "cpu"}, run_dir=tmp_path / "run")
+        load_input(StepContext.for_testing(tmp_path / "work"), str(tmp_path / "flat.nii.gz"), "flat")
 
 
 def test_multi_echo_dicom_keeps_every_echo(tmp_path):
@@ -101,21 +103,21 @@ def test_multi_echo_dicom_keeps_every_echo(tmp_path):
     echoes = np.stack([base * np.exp(-te / 35.0) for te in tes], axis=-1)
     volume = Volume(echoes[..., 0], np.diag([0.6, 0.6, 3.0, 1.0]), echoes=echoes, echo_times_ms=tes)
     write_dicom_series(volume, tmp_path / "mese", series_description="MESE", echo_times_ms=tes)
-    run = run_knee({"input": str(tmp_path / "mese"), "device": "cpu"}, run_dir=tmp_path / "run")
-    echo_img = nib.load(str(run.run_dir / "mese_echoes.nii.gz"))
+    ctx = StepContext.for_testing(tmp_path / "work")
+    load_input(ctx, str(tmp_path / "mese"), "mese")
+    echo_img = nib.load(str(ctx.work_dir / "mese_echoes.nii.gz"))
     assert echo_img.shape == (16, 16, 6, 3)
-    info = json.loads((run.run_dir / "input.json").read_text())
+    info = json.loads((ctx.work_dir / "input.json").read_text())
     assert info["n_echoes"] == 3 and info["echo_times_ms"] == pytest.approx(tes)
     decay = np.asarray(echo_img.dataobj)[8, 8, 3]
     assert decay[0] > decay[1] > decay[2]
 
 
 @pytest.mark.mese
-def test_real_mese_series(tmp_path):
-    from workbench.data.samples import mese_dir
-
-    run = run_knee({"input": str(mese_dir()), "device": "cpu"}, run_dir=tmp_path / "run")
-    info = json.loads((run.run_dir / "input.json").read_text())
+def test_real_mese_series(tmp_path, mskt_dir):
+    ctx = StepContext.for_testing(tmp_path / "work")
+    load_input(ctx, str(mskt_dir / "MESE_T2_dicom_data_anon"), "mese")
+    info = json.loads((ctx.work_dir / "input.json").read_text())
     assert info["n_echoes"] == 8 and sorted(info["shape"]) == [24, 256, 256]
     assert info["echo_times_ms"][0] == pytest.approx(6.3, abs=0.2)
     assert info["echo_times_ms"][-1] == pytest.approx(50.5, abs=0.5)

@@ -17,6 +17,8 @@ EPILOG_RUN_KNEE = """examples:
   workbench run knee --input data/knee_dicom/
   workbench run knee --input knee.nii.gz --segmentation-model nnunet_cascade --nsm both --device cpu
   workbench run knee --input scans/ --series 5 --out outputs/my-run --timeout 900
+  workbench run knee --input knee.nii.gz --model-dir ~/models/Dataset123_Knee --set nnunet.folds=[0,1,2,3,4] \
+      --set nnunet.checkpoint=checkpoint_best.pth --set nnunet.use_mirroring=true --set nnunet.tile_step_size=0.5
 """
 EPILOG_DATA = """examples:
   workbench data fetch
@@ -42,6 +44,13 @@ def _step_timeout(text: str) -> tuple[str, float]:
         return name.strip(), float(seconds)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=SECONDS (e.g. load_input=120), got {text!r}") from None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. nnunet.use_mirroring=true), got {text!r}")
+    return key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     knee.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
     knee.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
                       metavar="STEP=SECONDS", help="limit for one step (repeatable), e.g. load_input=120")
+    knee.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                      help="set a job-config key (repeatable), e.g. nnunet.use_mirroring=true; see configs/knee.yaml")
     knee.add_argument("--no-report", action="store_true", help="skip building report.html")
 
     # data -----------------------------------------------------------------------------
@@ -165,7 +176,7 @@ def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
         "device": args.device, "series": args.series, "model_dir": args.model_dir,
         "ground_truth": args.ground_truth, "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
-        "step_timeouts": dict(args.step_timeouts),
+        "step_timeouts": dict(args.step_timeouts), "overrides": dict(args.overrides),
     }
 
 

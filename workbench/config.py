@@ -109,6 +109,8 @@ class KneeOptions(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="Limit for the whole run (s); default from config.")
     step_timeouts: dict[str, float] = Field(default_factory=dict,
                                             description="Per-step limits (s) by step name, e.g. load_input.")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="Job-config keys to set, dotted: {'nnunet.use_mirroring': True}.")
 
     @field_validator("device")
     @classmethod
@@ -187,6 +189,7 @@ def knee_job_config(options: KneeOptions, base: dict[str, Any] | None = None) ->
         config["timeouts"]["run_s"] = options.timeout_s
     for name, seconds in options.step_timeouts.items():
         config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+    apply_overrides(config, options.overrides)
     run_s = config["timeouts"].get("run_s")
     for key, seconds in config["timeouts"].items():
         if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
@@ -198,3 +201,29 @@ def nsm_type_from_config(config: dict[str, Any]) -> str:
     """The inverse of the NSM mapping: the two flags back to an ``nsm_type`` value."""
     flags = (bool(config.get("perform_bone_only_nsm")), bool(config.get("perform_bone_and_cart_nsm")))
     return {v: k for k, v in NSM_TYPES.items()}[flags]
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``nnunet.folds``) in ``config`` in place; an unknown key is a CONFIG_ERROR.
+
+    String values are parsed as YAML (``true``, ``0.25``, ``[0, 1]``), as they
+    come from ``--set key=value`` on the command line.
+    """
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"Unknown config key {'.'.join(parts[:depth + 1])!r} in --set {dotted}",
+                                  f"Known top-level keys: {', '.join(sorted(config))}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"Unknown config key {dotted!r} in --set",
+                              f"Keys under {'.'.join(parts[:-1]) or 'the top level'}: {', '.join(sorted(node))}")
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {dotted}={value!r} is not a valid value ({exc})") from exc
+        node[parts[-1]] = value
+    return config

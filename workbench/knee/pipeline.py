@@ -6,10 +6,13 @@ through papermill), from the quickstart notebook and from tests.
 Steps in this version:
 
 1. ``load_input``: DICOM/NIfTI → canonical RAS NIfTI, echoes, preview, geometry.
+2. ``segmentation``: nnU-Net v2 (``nnunet_fullres`` or ``nnunet_cascade``) →
+   ``<case>_all-labels.nii.gz`` on the canonical grid, volumes, Dice against
+   a given ground truth.  It runs with the user's model (``--model-dir``) or
+   the shipped one; while no model is shipped in ``models/knee_nnunet`` and
+   none is given, the step is recorded as ``skipped`` with that reason.
 
-Segmentation (nnU-Net), meshes, thickness, T2 and shape models are later
-steps; until they exist the run records them as ``skipped`` with the reason,
-so ``result.json`` always says exactly what was and was not computed.
+Meshes, thickness, T2 and shape models are later steps.
 """
 
 from __future__ import annotations
@@ -19,16 +22,14 @@ from typing import Any
 
 from workbench.config import KneeOptions, knee_job_config, parse_options
 from workbench.gpu import resolve_device
+from workbench.knee.segmentation import resolve_model_root
 from workbench.knee.steps import case_name
 from workbench.progress import Progress, default_sinks
 from workbench.runner import Run, new_run_dir
 
 STEP_FUNCTIONS = {
     "load_input": "workbench.knee.steps:load_input",
-}
-#: Steps of the full pipeline that this version does not compute yet, with the reason recorded.
-NOT_YET_AVAILABLE = {
-    "segmentation": "nnU-Net segmentation is not part of this workbench version yet",
+    "segmentation": "workbench.knee.steps:segment",
 }
 
 
@@ -58,14 +59,39 @@ def run_knee(
     with Run(run_dir, pipeline="knee", config=config, models=models, timeout_s=timeouts.get("run_s"),
              device=device, progress=progress, parameters=options.model_dump(),
              n_steps=len(STEP_FUNCTIONS)) as run:
-        run.step(
+        loaded = run.step(
             "load_input", STEP_FUNCTIONS["load_input"], timeout_s=timeouts.get("load_input_s"),
             input_path=str(options.input), case=case, series=config["input"].get("series"),
             resample_mm=config["input"].get("resample_mm"), ground_truth=config["input"].get("ground_truth"),
         )
-        for name, reason in NOT_YET_AVAILABLE.items():
-            run.skip(name, reason, model=options.segmentation_model if name == "segmentation" else None)
+        post = config.get("segmentation", {})
+        model_root = resolve_model_root(config["nnunet"]["model_name"])
+        if options.model_dir is None and not model_root.exists():
+            run.skip("segmentation", f"no segmentation model is installed at {model_root} yet; pass --model-dir "
+                                     "to use your own nnU-Net v2 model", model=options.segmentation_model)
+            return run
+        run.step(
+            "segmentation", STEP_FUNCTIONS["segmentation"], timeout_s=timeouts.get("segmentation_s"),
+            model=options.segmentation_model, image=str(loaded.outputs["image"]), case=case,
+            model_name=options.segmentation_model, model_overrides=nnunet_overrides(config),
+            original_affine=loaded.values["original_affine"],
+            largest_component=bool(post.get("largest_component", True)),
+            fill_bone_holes=bool(post.get("fill_bone_holes", True)),
+            ground_truth=str(loaded.outputs["ground_truth"]) if "ground_truth" in loaded.outputs else None,
+        )
     return run
+
+
+def nnunet_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The job config's ``nnunet`` section as overrides of the registered model's config."""
+    nnunet = config["nnunet"]
+    return {
+        "model_folder": str(nnunet["model_name"]),
+        "folds": tuple(str(f) for f in nnunet.get("folds", ["all"])),
+        "checkpoint": str(nnunet.get("checkpoint", "checkpoint_final.pth")),
+        "use_mirroring": bool(nnunet.get("use_mirroring", False)),
+        "tile_step_size": float(nnunet.get("tile_step_size", 0.5)),
+    }
 
 
 def _nsm_models(nsm_type: str) -> list[str]:

@@ -166,12 +166,13 @@ class NnUNetSegmenter:
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         for stage in self.stages:
-            predictor = nnUNetPredictor(
-                tile_step_size=self.config.tile_step_size, use_gaussian=True,
-                use_mirroring=self.config.use_mirroring, perform_everything_on_device=self.device != "cpu",
-                device=torch.device(self.device), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             try:
                 with _quiet():
+                    predictor = nnUNetPredictor(
+                        tile_step_size=self.config.tile_step_size, use_gaussian=True,
+                        use_mirroring=self.config.use_mirroring, perform_everything_on_device=self.device != "cpu",
+                        device=torch.device(self.device), verbose=False, verbose_preprocessing=False,
+                        allow_tqdm=False)
                     predictor.initialize_from_trained_model_folder(str(stage.folder), stage.folds, stage.checkpoint)
             except WorkbenchError:
                 raise
