@@ -61,6 +61,12 @@ def test_find_configuration_from_any_level(tmp_path):
     assert find_configuration(tmp_path, "3d_fullres", ("auto",), "checkpoint_final.pth").folds == ("all",)
 
 
+def test_a_sibling_configuration_folder_is_found(tmp_path):
+    fullres = _model_folder(tmp_path, "3d_fullres")
+    lowres = _model_folder(tmp_path, "3d_lowres")
+    assert find_configuration(fullres, "3d_lowres", ("all",), "checkpoint_final.pth").folder == lowres
+
+
 @pytest.mark.parametrize("damage, words", [
     ("no_folder", ["does not exist"]),
     ("no_config", ["No 3d_lowres configuration", "3d_fullres"]),

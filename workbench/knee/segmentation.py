@@ -112,6 +112,8 @@ def find_configuration(root: Path, configuration: str, folds: tuple[str, ...], c
     if not root.is_dir():
         raise ModelUnavailable(f"nnU-Net model folder {root} does not exist",
                                "Point --model-dir (or nnunet.model_name in the config) at a trained model folder.")
+    if (root / "plans.json").is_file() and not root.name.endswith(f"__{configuration}"):
+        root = root.parent  # a sibling configuration folder was given (e.g. 3d_fullres when the cascade needs 3d_lowres)
     candidates = [root] if (root / "plans.json").is_file() else sorted(
         p.parent for p in root.rglob("plans.json") if p.parent.name.endswith(f"__{configuration}"))
     if not candidates:
