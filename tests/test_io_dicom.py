@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import dicom_factory as factory
 import numpy as np
 import pydicom
 import pytest
+from helpers import assert_error
 
-import dicom_factory as factory
-from workbench.errors import DicomError, ErrorCode, InputNotFound, InvalidFormat, ConfigError
+from workbench.errors import ConfigError, DicomError, ErrorCode, InputNotFound, InvalidFormat
 from workbench.io.dicom import SeriesInfo, is_dicom_file, list_series, read_dicom
 from workbench.io.load import load_volume
 from workbench.io.volume import Volume
@@ -54,14 +55,6 @@ def gdcm_files_by_echo(folder: Path) -> list[list[str]]:
 
 def world(affine: np.ndarray, ijk) -> np.ndarray:
     return (affine @ np.append(np.asarray(ijk, float), 1.0))[:3]
-
-
-def assert_error(excinfo, code: ErrorCode, *words: str) -> None:
-    err = excinfo.value
-    assert err.code is code, err
-    assert "\n" not in err.message and err.hint
-    for word in words:
-        assert word.lower() in err.message.lower(), (word, err.message)
 
 
 # --------------------------------------------------------------------------- shared synthetic data

@@ -7,6 +7,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import assert_error
 
 from workbench.errors import ErrorCode, InputNotFound, InvalidFormat
 from workbench.io.load import load_volume
@@ -21,14 +22,6 @@ def oblique_affine(spacing=(0.8, 0.7, 2.5), origin=(-30.0, 12.5, 40.0)) -> np.nd
     affine[:3, :3] = rot @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
-
-
-def assert_error(excinfo, code: ErrorCode, *words: str) -> None:
-    err = excinfo.value
-    assert err.code is code, err
-    assert "\n" not in err.message and err.hint
-    for word in words:
-        assert word.lower() in err.message.lower(), (word, err.message)
 
 
 # --------------------------------------------------------------------------- NIfTI
