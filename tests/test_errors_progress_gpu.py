@@ -97,3 +97,17 @@ def test_resolve_device():
 
 def test_peak_rss_is_positive():
     assert gpu.peak_rss_mb() > 1
+
+
+def test_jsonl_follower_sees_events_written_by_another_writer(tmp_path):
+    from workbench.progress import JsonlFollower, JsonlSink
+
+    seen = []
+    path = tmp_path / "progress.jsonl"
+    writer = JsonlSink(path)
+    with JsonlFollower(path, seen.append, interval=0.05):
+        for i in range(5):
+            writer(ProgressEvent("update", step="s", fraction=i / 5))
+        with open(path, "a") as fh:
+            fh.write('{"kind": "upd')  # a line still being written is not read half
+    assert [e.fraction for e in seen] == [0.0, 0.2, 0.4, 0.6, 0.8]

@@ -50,7 +50,7 @@ def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
     for record in result["outputs"]:
         assert sha256_of(out / record["path"]) == record["sha256"]
     html = (out / "report.html").read_text()
-    assert "data:image/png;base64" in html  # figures embedded
+    assert html.count("data:image/png;base64") >= 2  # image and ground-truth figures, embedded
     assert "run_knee(options" not in html  # code hidden
     assert "<script src=" not in html and "cdnjs" not in html  # nothing fetched from the network
     events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
@@ -63,7 +63,7 @@ def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
 @pytest.mark.slow
 def test_quickstart_runs_headless(tmp_path):
     report = run_quickstart(tmp_path / "demo", seed=1)
-    assert report.is_file() and "data:image/png;base64" in report.read_text()
+    assert report.is_file() and "data:image/png;base64" in report.read_text()  # the sample's slice figure
     result = json.loads((tmp_path / "demo" / "knee-run" / "result.json").read_text())
     assert result["status"] == "ok"
 

@@ -27,10 +27,7 @@ def orthogonal_slices(volume: Volume, labels: Volume | None = None, index: tuple
     Slices are drawn with their true aspect ratio; ``index`` defaults to the
     centre of the labels when given, else the centre of the volume.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyplot, so notebooks show the figure; step processes run with MPLBACKEND=Agg
 
     data = volume.data.astype(np.float32)
     if index is None:

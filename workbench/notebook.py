@@ -151,9 +151,11 @@ def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
     The HTML report is built in both cases.
     """
     import json
+    import sys
     import traceback
 
     from workbench.errors import classify
+    from workbench.progress import JsonlFollower, LogSink
     from workbench.registry import REGISTRY
     from workbench.runner import Run
 
@@ -164,7 +166,8 @@ def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
     params = dict(parameters, run_dir=str(run_dir), interactive=False)
     failure: BaseException | None = None
     try:
-        execute_notebook(notebook, run_dir / "report.ipynb", params, cwd=run_dir, timeout_s=timeout_s)
+        with JsonlFollower(run_dir / "progress.jsonl", LogSink(sys.stderr)):
+            execute_notebook(notebook, run_dir / "report.ipynb", params, cwd=run_dir, timeout_s=timeout_s)
     except Exception as exc:  # papermill's execution error, a dead kernel, ...
         failure = exc
     result_path = run_dir / "result.json"

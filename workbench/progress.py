@@ -96,7 +96,7 @@ class JsonlSink:
 
 
 class LogSink:
-    """One log line per step start/end and per ``every`` of progress (default 10 %)."""
+    """One log line per step start/end and per ``every`` of progress (default 10 %), to ``stream`` (stdout)."""
 
     def __init__(self, stream: IO[str] | None = None, every: float = 0.1):
         self.stream = stream
@@ -124,7 +124,7 @@ class LogSink:
             body = f"run {event.status}: {event.message}"
         else:
             body = f"{event.label()} {event.message}"
-        print(f"{stamp} {body}".rstrip(), file=self.stream or sys.stderr, flush=True)
+        print(f"{stamp} {body}".rstrip(), file=self.stream or sys.stdout, flush=True)
 
 
 class TqdmSink:
@@ -199,3 +199,48 @@ def read_events(path: str | Path) -> list[ProgressEvent]:
         except (json.JSONDecodeError, TypeError):
             continue
     return events
+
+
+class JsonlFollower:
+    """Follow a ``progress.jsonl`` written by another process and pass each new event to ``sink``.
+
+    ``workbench run`` uses it to print log lines in the terminal while the
+    notebook runs in its kernel.  Use as a context manager; it polls every
+    ``interval`` seconds in a daemon thread and drains the file on exit.
+    """
+
+    def __init__(self, path: str | Path, sink: Callable[[ProgressEvent], None], interval: float = 0.3):
+        self.path = Path(path)
+        self.sink = sink
+        self.interval = interval
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress-follower", daemon=True)
+
+    def __enter__(self) -> "JsonlFollower":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return
+        complete = chunk.rfind(b"\n") + 1  # leave a partly written last line for the next poll
+        self._offset += complete
+        for line in chunk[:complete].decode("utf-8", "replace").splitlines():
+            try:
+                self.sink(ProgressEvent.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError):
+                continue

@@ -446,6 +446,7 @@ class Run:
             process = subprocess.Popen(
                 [sys.executable, "-m", "workbench._child", str(write_fd)],
                 stdin=subprocess.PIPE, pass_fds=(write_fd,), start_new_session=True,  # own process group
+                env=dict(os.environ, MPLBACKEND="Agg"),  # steps draw to files, never to a screen or notebook
             )
         finally:
             os.close(write_fd)
