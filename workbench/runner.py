@@ -50,7 +50,6 @@ from workbench.errors import (
 )
 from workbench.outputs import Output, commit_outputs
 from workbench.progress import (
-    LOG,
     RUN_END,
     RUN_START,
     STEP_END,
@@ -589,11 +588,6 @@ def versions() -> dict[str, Any]:
             info["git_commit"] = None
         _VERSIONS = info
     return dict(_VERSIONS)
-
-
-def log_event(progress: Progress, message: str) -> None:
-    """Emit a free-text log event (shown in headless logs and stored in progress.jsonl)."""
-    progress.emit(ProgressEvent(LOG, message=message))
 
 
 def new_run_dir(pipeline: str, parent: str | Path | None = None) -> Path:

@@ -458,13 +458,10 @@ def predict_image(predictors: Sequence[Any], image_path: str | Path) -> np.ndarr
 
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, values: Iterable[int]) -> dict[int, float]:
-    """Dice per label value (NaN where a label is absent from both)."""
-    out = {}
-    for v in values:
-        a, b = pred == v, truth == v
-        denom = int(a.sum()) + int(b.sum())
-        out[int(v)] = float("nan") if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
-    return out
+    """Dice per label value (NaN where a label is absent from both); the pipeline's own Dice."""
+    from workbench.knee.segmentation import dice_scores
+
+    return {int(v): float("nan") if d is None else d for v, d in dice_scores(pred, truth, list(values)).items()}
 
 
 def evaluate(model_root: str | Path, images_dir: str | Path, labels_dir: str | Path, *, cascade: bool = False,
