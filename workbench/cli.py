@@ -19,6 +19,8 @@ EPILOG_RUN_KNEE = """examples:
   workbench run knee --input scans/ --series 5 --out outputs/my-run --timeout 900
   workbench run knee --input knee.nii.gz --model-dir ~/models/Dataset123_Knee --set nnunet.folds=[0,1,2,3,4] \
       --set nnunet.checkpoint=checkpoint_best.pth --set nnunet.use_mirroring=true --set nnunet.tile_step_size=0.5
+  workbench run knee --input knee.nii.gz --segmentation my_labels.nii.gz     # analyse a manual segmentation
+  workbench run knee --input mese_dicom/ --t2 on                              # T2 required (multi-echo input)
 """
 EPILOG_DATA = """examples:
   workbench data fetch
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     knee.add_argument("--series", help="DICOM series (UID, number or description) when the folder holds several")
     knee.add_argument("--model-dir", help="an nnU-Net v2 model folder to use instead of the shipped model")
     knee.add_argument("--ground-truth", help="label map in the input's space, to compare with")
+    knee.add_argument("--segmentation", help="analyse this label map (input's space, workbench labels) "
+                                             "instead of segmenting")
+    knee.add_argument("--t2", default="auto", choices=("auto", "on", "off"),
+                      help="T2 mapping: auto (when the input is multi-echo), on (required), off (default: auto)")
     knee.add_argument("--resample-mm", type=float, help="resample to this isotropic voxel size (mm)")
     knee.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
     knee.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
@@ -175,7 +181,8 @@ def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
         "device": args.device, "series": args.series, "model_dir": args.model_dir,
-        "ground_truth": args.ground_truth, "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
+        "ground_truth": args.ground_truth, "segmentation": args.segmentation, "t2": args.t2,
+        "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
         "step_timeouts": dict(args.step_timeouts), "overrides": dict(args.overrides),
     }
 

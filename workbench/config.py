@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SegmentationModel = Literal["nnunet_fullres", "nnunet_cascade"]
 NsmType = Literal["none", "bone_only", "bone_and_cart", "both"]
+T2Mode = Literal["auto", "on", "off"]
 
 #: option value → (default_seg_model, nnunet.type)
 SEGMENTATION_MODELS: dict[str, tuple[str, str]] = {
@@ -105,6 +106,9 @@ class KneeOptions(BaseModel):
     series: str | None = Field(None, description="DICOM series to use when the folder holds several.")
     model_dir: str | None = Field(None, description="An nnU-Net model folder to use instead of the shipped one.")
     ground_truth: str | None = Field(None, description="Label file to compare the segmentation with.")
+    segmentation: str | None = Field(
+        None, description="A label map in the input's space (workbench labels) to analyse instead of segmenting.")
+    t2: T2Mode = Field("auto", description="T2 mapping: auto (when the input is multi-echo), on (required), off.")
     resample_mm: float | None = Field(None, gt=0, description="Isotropic voxel size (mm) to resample to.")
     timeout_s: float | None = Field(None, gt=0, description="Limit for the whole run (s); default from config.")
     step_timeouts: dict[str, float] = Field(default_factory=dict,
@@ -184,6 +188,10 @@ def knee_job_config(options: KneeOptions, base: dict[str, Any] | None = None) ->
         config["input"]["resample_mm"] = options.resample_mm
     if options.ground_truth is not None:
         config["input"]["ground_truth"] = options.ground_truth
+    if options.segmentation is not None:
+        config["input"]["segmentation"] = options.segmentation
+    if isinstance(config.get("t2"), dict):
+        config["t2"]["mode"] = options.t2
     config["device"] = options.device
     if options.timeout_s is not None:
         config["timeouts"]["run_s"] = options.timeout_s

@@ -95,3 +95,27 @@ def segmentation_html(summary: dict[str, Any]) -> str:
     caption = (f"<p><b>model:</b> {html.escape(summary.get('model', ''))} "
                f"({html.escape(', '.join(summary.get('configurations', [])))})</p>")
     return f"{caption}<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def results_html(document: dict[str, Any]) -> str:
+    """The results table (``<case>_results.json``): thickness and T2 per region, volumes, side, step status."""
+    results = document.get("results", {})
+    regions = sorted({k.split("_mm_")[0] for k in results if "_mm_" in k and "_t2_" not in k})
+
+    def cell(key: str) -> str:
+        value = results.get(key)
+        return "–" if value is None else f"{value:.2f}"
+
+    rows = []
+    for region in regions:
+        cells = [region] + [cell(f"{region}_mm_{s}") for s in ("mean", "std", "median")]
+        cells += [cell(f"{region}_t2_ms_{s}") for s in ("mean", "median")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = ("<th>region</th><th>thickness mean (mm)</th><th>std</th><th>median</th>"
+            "<th>T2 mean (ms)</th><th>T2 median (ms)</th>")
+    steps = ", ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in document.get("steps", {}).items())
+    side = html.escape(str(results.get("knee_side") or "unknown"))
+    return (f"<p><b>case:</b> {html.escape(str(document.get('case', '')))} &nbsp; <b>knee side:</b> {side}"
+            f" &nbsp; <b>T2 method:</b> {html.escape(str(results.get('t2_method') or '–'))}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<p><small>steps: {steps}</small></p>")

@@ -67,3 +67,69 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def thickness_maps(bones: dict[str, tuple[np.ndarray, np.ndarray]], title: str | None = None,
+                   vmax_mm: float = 4.0):
+    """Cartilage thickness on each bone's vertices, seen along the axis where the cartilage faces.
+
+    ``bones`` maps a bone name to ``(vertices (N, 3) in RAS mm, thickness_mm (N,))``.
+    Femur and tibia are seen from the joint (inferior and superior), the patella
+    from behind (posterior); bare bone is grey.  A static figure for reports; the
+    notebook shows the interactive meshes.
+    """
+    import matplotlib.pyplot as plt
+
+    # (horizontal axis, vertical axis, depth axis, keep vertices facing the viewer: +1 larger depth)
+    views = {"femur": (0, 1, 2, -1, "from below"), "tibia": (0, 1, 2, +1, "from above"),
+             "patella": (0, 2, 1, -1, "from behind")}
+    names = [b for b in ("femur", "tibia", "patella") if b in bones]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 4.2), squeeze=False)
+    scatter = None
+    for ax, name in zip(axes[0], names):
+        vertices, thickness = (np.asarray(a) for a in bones[name])
+        h, v, d, facing, label = views[name]
+        # draw far vertices first so the near side covers them
+        order = np.argsort(facing * vertices[:, d])
+        t = thickness[order]
+        colours = np.where(t > 0, t, np.nan)
+        ax.scatter(vertices[order, h], vertices[order, v], c="0.8", s=1.5, linewidths=0)
+        scatter = ax.scatter(vertices[order, h], vertices[order, v], c=colours, s=1.5, linewidths=0,
+                             cmap="viridis", vmin=0.0, vmax=vmax_mm)
+        ax.set_aspect("equal")
+        ax.set_title(f"{name} ({label})")
+        ax.set_xlabel("R-L (mm)" if h == 0 else "")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if not names:
+        axes[0][0].axis("off")
+    if scatter is not None:
+        fig.colorbar(scatter, ax=list(axes[0]), shrink=0.8, label="cartilage thickness (mm)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def t2_overlay(volume: Volume, t2_ms: Volume, title: str | None = None, vmax_ms: float = 80.0):
+    """Sagittal slices through the T2 map's valid voxels, over the image; T2 in ms (0 = masked)."""
+    import matplotlib.pyplot as plt
+
+    data = volume.data.astype(np.float32)
+    t2 = t2_ms.data.astype(np.float32)
+    valid_per_slice = (t2 > 0).sum(axis=(1, 2))
+    picks = np.argsort(valid_per_slice)[::-1][:3] if valid_per_slice.any() else [data.shape[0] // 2]
+    lo, hi = np.percentile(data, [1, 99.5])
+    _, sy, sz = volume.spacing
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 4.2), squeeze=False)
+    shown = None
+    for ax, i in zip(axes[0], sorted(int(p) for p in picks)):
+        ax.imshow(data[i].T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=sz / sy)
+        shown = ax.imshow(np.ma.masked_less_equal(t2[i].T, 0), cmap="magma", origin="lower", vmin=0,
+                          vmax=vmax_ms, aspect=sz / sy, interpolation="nearest")
+        ax.set_title(f"sagittal slice {i}")
+        ax.axis("off")
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes[0]), shrink=0.8, label="T2 (ms)")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -3,16 +3,25 @@
 Called from ``notebooks/knee_mri.ipynb`` (and so from ``workbench run knee``
 through papermill), from the quickstart notebook and from tests.
 
-Steps in this version:
+Steps:
 
-1. ``load_input``: DICOM/NIfTI → canonical RAS NIfTI, echoes, preview, geometry.
+1. ``load_input``: DICOM/NIfTI → canonical RAS NIfTI, echoes, preview, geometry
+   (and the user's label map, ``--segmentation``, on the same grid).
 2. ``segmentation``: nnU-Net v2 (``nnunet_fullres`` or ``nnunet_cascade``) →
-   ``<case>_all-labels.nii.gz`` on the canonical grid, volumes, Dice against
-   a given ground truth.  It runs with the user's model (``--model-dir``) or
-   the shipped one; while no model is shipped in ``models/knee_nnunet`` and
-   none is given, the step is recorded as ``skipped`` with that reason.
+   ``<case>_all-labels.nii.gz``, volumes, Dice against a given ground truth.
+   It runs with the user's model (``--model-dir``) or the shipped one in
+   ``models/knee_nnunet``; a missing or broken model folder fails the step with
+   ``MODEL_UNAVAILABLE`` (the loaded input stays).  Skipped when the user gave
+   a segmentation.
+3. ``subregions`` (optional: a failure is recorded and the femoral cartilage
+   stays whole): femoral cartilage subregions 11-15.
+4. ``meshes``: bone and cartilage meshes with per-vertex thickness, regional
+   thickness statistics.
+5. ``t2`` (optional): T2 map and regional T2 on multi-echo input; skipped with
+   the reason otherwise (``t2: on`` makes a single-echo input a recorded failure).
+6. ``results``: ``<case>_results.json`` and ``.csv``.
 
-Meshes, thickness, T2 and shape models are later steps.
+Neural shape model fits are a later step.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.config import KneeOptions, knee_job_config, parse_options
+from workbench.errors import WorkbenchError
 from workbench.gpu import resolve_device
 from workbench.knee.segmentation import resolve_model_root
 from workbench.knee.steps import case_name
@@ -30,6 +40,10 @@ from workbench.runner import Run, new_run_dir
 STEP_FUNCTIONS = {
     "load_input": "workbench.knee.steps:load_input",
     "segmentation": "workbench.knee.steps:segment",
+    "subregions": "workbench.knee.analysis:subregions",
+    "meshes": "workbench.knee.analysis:meshes_and_thickness",
+    "t2": "workbench.knee.analysis:t2_mapping",
+    "results": "workbench.knee.analysis:results_table",
 }
 
 
@@ -63,23 +77,70 @@ def run_knee(
             "load_input", STEP_FUNCTIONS["load_input"], timeout_s=timeouts.get("load_input_s"),
             input_path=str(options.input), case=case, series=config["input"].get("series"),
             resample_mm=config["input"].get("resample_mm"), ground_truth=config["input"].get("ground_truth"),
+            segmentation=config["input"].get("segmentation"),
         )
-        post = config.get("segmentation", {})
-        model_root = resolve_model_root(config["nnunet"]["model_name"])
-        if options.model_dir is None and not model_root.exists():
-            run.skip("segmentation", f"no segmentation model is installed at {model_root} yet; pass --model-dir "
-                                     "to use your own nnU-Net v2 model", model=options.segmentation_model)
+        if "segmentation" in loaded.outputs:
+            labels = loaded.outputs["segmentation"]
+            run.skip("segmentation", f"labels given: {config['input']['segmentation']}",
+                     model=options.segmentation_model)
+        elif options.model_dir is None and not resolve_model_root(config["nnunet"]["model_name"]).exists():
+            # TEMPORARY until the shipped models land in models/knee_nnunet (issue 4)
+            run.skip("segmentation", "no segmentation model is installed yet; pass --model-dir or --segmentation",
+                     model=options.segmentation_model)
             return run
-        run.step(
-            "segmentation", STEP_FUNCTIONS["segmentation"], timeout_s=timeouts.get("segmentation_s"),
-            model=options.segmentation_model, image=str(loaded.outputs["image"]), case=case,
-            model_name=options.segmentation_model, model_overrides=nnunet_overrides(config),
-            original_affine=loaded.values["original_affine"],
-            largest_component=bool(post.get("largest_component", True)),
-            fill_bone_holes=bool(post.get("fill_bone_holes", True)),
-            ground_truth=str(loaded.outputs["ground_truth"]) if "ground_truth" in loaded.outputs else None,
-        )
+        else:
+            post = config.get("segmentation", {})
+            segmented = run.step(
+                "segmentation", STEP_FUNCTIONS["segmentation"], timeout_s=timeouts.get("segmentation_s"),
+                model=options.segmentation_model, image=str(loaded.outputs["image"]), case=case,
+                model_name=options.segmentation_model, model_overrides=nnunet_overrides(config),
+                original_affine=loaded.values["original_affine"],
+                largest_component=bool(post.get("largest_component", True)),
+                fill_bone_holes=bool(post.get("fill_bone_holes", True)),
+                ground_truth=str(loaded.outputs["ground_truth"]) if "ground_truth" in loaded.outputs else None,
+            )
+            labels = segmented.outputs["labels"]
+        _analyse(run, config, case, loaded, labels)
     return run
+
+
+def _analyse(run: Run, config: dict[str, Any], case: str, loaded: Any, labels: Path) -> None:
+    """Subregions, meshes and thickness, T2 and the results table on a label map."""
+    from workbench.knee.analysis import t2_plan_for_run
+
+    timeouts = config["timeouts"]
+    sub = run.step("subregions", STEP_FUNCTIONS["subregions"], timeout_s=timeouts.get("subregions_s"),
+                   optional=True, labels=str(labels), case=case)
+    analysed = sub.outputs["labels"] if sub is not None else labels
+    bones = config.get("bones", {})
+    meshes = run.step("meshes", STEP_FUNCTIONS["meshes"], timeout_s=timeouts.get("meshes_s"),
+                      labels=str(analysed), case=case,
+                      n_vertices={b: int(v["n_points"]) for b, v in bones.items() if v.get("n_points")},
+                      sigma_mm=config.get("thickness", {}).get("sigma_mm"))
+    t2_config = dict(config.get("t2") or {})
+    mode = t2_config.get("mode", "auto")
+    echoes = str(loaded.outputs["echoes"]) if "echoes" in loaded.outputs else None
+    info = str(loaded.outputs["info"])
+    t2 = None
+    if mode == "off":
+        run.skip("t2", "T2 mapping is off (t2: off)")
+    else:
+        try:
+            possible, reason = t2_plan_for_run(echoes, info) if mode == "auto" else (True, "")
+        except WorkbenchError as exc:  # unreadable echoes: the step is skipped, the analysis goes on
+            possible, reason = False, exc.message
+        if not possible:
+            run.skip("t2", reason)
+        else:
+            t2 = run.step("t2", STEP_FUNCTIONS["t2"], timeout_s=timeouts.get("t2_s"), optional=True,
+                          echoes=echoes, info=info, labels=str(analysed), case=case,
+                          method=t2_config.get("method", "nonlinear"), min_r2=float(t2_config.get("min_r2", 0.8)),
+                          skip_first_echo=bool(t2_config.get("skip_first_echo", False)))
+    run.step("results", STEP_FUNCTIONS["results"], timeout_s=timeouts.get("results_s"),
+             labels=str(analysed), case=case, thickness=str(meshes.outputs["summary"]),
+             t2=str(t2.outputs["summary"]) if t2 is not None else None,
+             subregions=str(sub.outputs["geometry"]) if sub is not None else None,
+             steps={s.name: s.status for s in run.steps})
 
 
 def nnunet_overrides(config: dict[str, Any]) -> dict[str, Any]:

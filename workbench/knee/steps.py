@@ -39,6 +39,7 @@ def load_input(
     series: str | None = None,
     resample_mm: float | None = None,
     ground_truth: str | None = None,
+    segmentation: str | None = None,
 ) -> StepResult:
     """Read a DICOM series or NIfTI volume, bring it to canonical RAS orientation and write it out.
 
@@ -46,7 +47,8 @@ def load_input(
     is set), ``<case>_echoes.nii.gz`` for multi-echo input, ``<case>_preview.png``
     (three orthogonal slices), ``input.json`` (geometry and provenance) and,
     when ``ground_truth`` is given, ``<case>_ground-truth.nii.gz`` after
-    checking that it lies on the image's grid.
+    checking that it lies on the image's grid; a given ``segmentation`` (the
+    user's label map, checked the same way) becomes ``<case>_all-labels.nii.gz``.
     """
     from workbench.figures import orthogonal_slices, save_figure
     from workbench.io.load import load_volume
@@ -62,24 +64,16 @@ def load_input(
     _check_image(volume, input_path)
     ctx.progress(0.4, "read")
 
-    labels: Volume | None = None
-    if ground_truth:
-        if not Path(ground_truth).exists():
-            raise InputNotFound(f"Ground-truth label file {ground_truth} does not exist")
-        labels = load_volume(ground_truth, canonical=True)
-        if not same_grid(volume, labels, atol_mm=0.05):
-            raise InvalidFormat(
-                f"Ground truth {Path(ground_truth).name} (shape {list(labels.shape)}) is not on the grid of "
-                f"{Path(input_path).name} (shape {list(volume.shape)})",
-                "Give a label map in the input image's space (same shape and affine).",
-            )
-        labels = Volume(np.rint(labels.data).astype(np.uint8), volume.affine.copy(), meta=labels.meta)
+    labels = _labels_on_grid(ground_truth, volume, input_path, "Ground truth") if ground_truth else None
+    given = _labels_on_grid(segmentation, volume, input_path, "Segmentation") if segmentation else None
 
     if resample_mm:
         ctx.progress(0.5, f"resampling to {resample_mm} mm")
         volume = resample_isotropic(volume, float(resample_mm), order=1)
         if labels is not None:
             labels = resample_isotropic(labels, float(resample_mm), order=0)
+        if given is not None:
+            given = resample_isotropic(given, float(resample_mm), order=0)
 
     outputs: dict[str, Output] = {}
     image_name = f"{case}_image.nii.gz"
@@ -98,9 +92,16 @@ def load_input(
         outputs["ground_truth"] = Output(gt_name, "nifti", expect={
             "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
             description="ground-truth labels on the image grid")
+    if given is not None:
+        seg_name = f"{case}_all-labels.nii.gz"
+        write_nifti(given.data, given.affine, ctx.work_dir / seg_name, dtype=np.uint8)
+        outputs["segmentation"] = Output(seg_name, "nifti", expect={
+            "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
+            description="the given segmentation on the image grid")
     ctx.progress(0.7, "writing preview")
     preview_name = f"{case}_preview.png"
-    save_figure(orthogonal_slices(volume, labels, title=case), ctx.work_dir / preview_name)
+    save_figure(orthogonal_slices(volume, given if given is not None else labels, title=case),
+                ctx.work_dir / preview_name)
     outputs["preview"] = Output(preview_name, "png", description="orthogonal slices")
 
     info = {
@@ -128,6 +129,29 @@ def load_input(
             str(v): round(float(np.count_nonzero(labels.data == v)) * voxel_ml, 3) for v in present}
     return StepResult(outputs=outputs, metrics=metrics,
                       values={"case": case, "original_affine": original["affine"]})
+
+
+def _labels_on_grid(path: str, volume: Volume, input_path: str, what: str) -> Volume:
+    """A label map on ``volume``'s canonical grid with workbench label values, or INVALID_FORMAT saying why."""
+    from workbench.data.labels import ALL_LABEL_VALUES
+    from workbench.io.load import load_volume
+
+    if not Path(path).exists():
+        raise InputNotFound(f"{what} label file {path} does not exist")
+    labels = load_volume(path, canonical=True)
+    if not same_grid(volume, labels, atol_mm=0.05):
+        raise InvalidFormat(
+            f"{what} {Path(path).name} (shape {list(labels.shape)}) is not on the grid of "
+            f"{Path(input_path).name} (shape {list(volume.shape)})",
+            "Give a label map in the input image's space (same shape and affine).",
+        )
+    values = np.rint(labels.data)
+    unknown = sorted(int(v) for v in np.unique(values) if int(v) not in ALL_LABEL_VALUES)
+    if unknown:
+        raise InvalidFormat(f"{what} {Path(path).name} holds labels outside the workbench table: {unknown[:10]}",
+                            "Use the workbench labels (docs/labels.md); workbench.data.labels.remap_labels "
+                            "maps other tables.")
+    return Volume(values.astype(np.uint8), volume.affine.copy(), meta=labels.meta)
 
 
 def _check_image(volume: Volume, input_path: str) -> None:
