@@ -34,14 +34,19 @@ def _statuses(run_dir):
     return {s["name"]: s["status"] for s in result["steps"]}, result
 
 
-def test_given_segmentation_is_analysed_and_t2_on_a_single_echo_fails_alone(sample, tmp_path):
+def test_given_segmentation_is_analysed_and_failing_optional_steps_stay_alone(sample, tmp_path, monkeypatch):
+    # T2 asked for on a single-echo input, shape models asked for with no model folders installed
+    (tmp_path / "no_models").mkdir()
+    monkeypatch.setenv("WORKBENCH_MODELS", str(tmp_path / "no_models"))
     run = run_knee({"input": str(sample["image"]), "segmentation": str(sample["labels"]), "t2": "on",
-                    "device": "cpu"}, run_dir=tmp_path / "run")
+                    "nsm_type": "both", "device": "cpu"}, run_dir=tmp_path / "run")
     steps, result = _statuses(run.run_dir)
     assert steps == {"load_input": "ok", "segmentation": "skipped", "subregions": "ok", "meshes": "ok",
-                     "t2": "failed", "results": "ok"}
-    t2_step = [s for s in result["steps"] if s["name"] == "t2"][0]
-    assert t2_step["error"]["code"] == "INVALID_FORMAT" and "echo" in t2_step["error"]["message"]
+                     "t2": "failed", "nsm_bone_only": "failed", "nsm_bone_and_cart": "failed", "results": "ok"}
+    errors = {s["name"]: s["error"] for s in result["steps"] if s.get("error")}
+    assert errors["t2"]["code"] == "INVALID_FORMAT" and "echo" in errors["t2"]["message"]
+    assert errors["nsm_bone_only"]["code"] == "MODEL_UNAVAILABLE" and "nsm_femur" in errors["nsm_bone_only"]["message"]
+    assert errors["nsm_bone_and_cart"]["code"] == "MODEL_UNAVAILABLE"
     folder = run.run_dir
     # the given labels are analysed unchanged; subregions replace only the femoral cartilage
     given = np.asarray(nib.load(str(sample["labels"])).dataobj)
@@ -64,6 +69,7 @@ def test_given_segmentation_is_analysed_and_t2_on_a_single_echo_fails_alone(samp
     document = json.loads((folder / "knee_results.json").read_text())
     row = document["results"]
     assert row["knee_side"] == "right" and document["steps"]["t2"] == "failed"
+    assert document["steps"]["nsm_bone_only"] == "failed" and "nsm_assd_bone_mm" not in row
     for region in REGIONS:
         assert 0.5 < row[f"{region}_mm_mean"] < 5.0, region
         assert row[f"{region}_mm_std"] >= 0 and row[f"{region}_mm_median"] > 0

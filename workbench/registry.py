@@ -44,7 +44,8 @@ class NsmModelConfig:
     """Settings of a neural shape model (DeepSDF-style auto-decoder).
 
     Attributes:
-        model_folder: model folder under ``models/`` holding ``model_config.json`` and weights.
+        model_folder: model folder under ``models/`` (or absolute) holding ``config.json``, ``weights.pt``
+            and ``mean_shape.npz`` (:func:`workbench.knee.nsm.load_nsm`).
         surfaces: surfaces the model decodes (``femur``; ``femur`` and ``femoral_cartilage``).
         max_iterations: latent optimisation steps at most (early stopping ends sooner).
     """

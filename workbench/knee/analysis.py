@@ -188,13 +188,14 @@ def t2_mapping(ctx: StepContext, echoes: str | None, info: str, labels: str, cas
 
 
 def results_table(ctx: StepContext, labels: str, case: str, thickness: str | None = None,
-                  t2: str | None = None, subregions: str | None = None,
+                  t2: str | None = None, subregions: str | None = None, nsm: list[str] | None = None,
                   steps: dict[str, str] | None = None) -> StepResult:
     """Gather the run's figures into ``<case>_results.json`` and ``<case>_results.csv`` (one row).
 
     Field names follow the original pipeline: ``{region}_mm_{mean,std,median}``,
     ``t2_method``, ``{region}_t2_ms_*``; plus ``{structure}_volume_mm3``,
-    ``knee_side`` and, in the JSON, ``units`` and the status of every step
+    ``knee_side``, the shape-model fit errors and B-scores (``nsm_*``, ``nsm_bone_only_*``;
+    the full fits are in the ``NSM_*recon_params.json`` files) and, in the JSON, ``units`` and the status of every step
     (``steps``: name → status), so a skipped or failed optional step shows.
     """
     from workbench.data.labels import KNEE_LABELS
@@ -213,6 +214,12 @@ def results_table(ctx: StepContext, labels: str, case: str, thickness: str | Non
         row.update(json.loads(Path(thickness).read_text())["stats"])
     if t2 and Path(t2).exists():
         row.update(json.loads(Path(t2).read_text())["stats"])
+    for params_path in nsm or []:
+        params = json.loads(Path(params_path).read_text())
+        prefix = "nsm_bone_only" if "bone_only" in Path(params_path).name else "nsm"
+        for key in ("assd_bone_mm", "assd_cartilage_mm", "Bscore"):
+            if key in params:
+                row[f"{prefix}_{key}"] = params[key]
     row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
     units = {key: unit for key in row for suffix, unit in RESULT_UNITS.items() if key.endswith(suffix)}
     document = {"case": case, "results": row, "units": units, "steps": dict(steps or {})}
@@ -224,3 +231,43 @@ def results_table(ctx: StepContext, labels: str, case: str, thickness: str | Non
     outputs = {"json": Output(f"{case}_results.json", "json", description="results table"),
                "csv": Output(f"{case}_results.csv", "csv", description="results table, one row")}
     return StepResult(outputs=outputs, metrics={"n_fields": len(row)})
+
+
+def nsm_fit(ctx: StepContext, model_name: str, femur_mesh: str, cartilage_mesh: str | None, side: str | None,
+            model_folder: str | None = None, bscore_folder: str | None = None,
+            max_iterations: int | None = None) -> StepResult:
+    """Fit one neural shape model (``bone_only`` or ``bone_and_cart``) to the knee's femur (and cartilage) meshes.
+
+    Writes ``NSM_bone_only_recon_params.json`` or ``NSM_recon_params.json``
+    (latent, B-score, alignment, ASSD per surface) and the reconstructed
+    surfaces as PLY.  Left knees are mirrored to the right for the fit.
+    """
+    import trimesh
+
+    from workbench.knee.nsm import RECON_MESH_PREFIXES, RECON_PARAMS_FILES
+    from workbench.registry import REGISTRY
+
+    if side not in ("right", "left"):
+        raise InvalidFormat("The knee side is unknown (the subregions step found no medial/lateral tibial "
+                            "cartilage), so the femur cannot be mirrored for the shape model",
+                            "Check the segmentation of the tibial cartilage (labels 3 and 4).")
+    surfaces = {"femur": trimesh.load(femur_mesh, force="mesh")}
+    if cartilage_mesh:
+        surfaces["femoral_cartilage"] = trimesh.load(cartilage_mesh, force="mesh")
+    overrides = {k: v for k, v in {"model_folder": model_folder, "max_iterations": max_iterations}.items()
+                 if v is not None}
+    ctx.progress(0.0, f"loading {model_name}")
+    runner = REGISTRY.model(model_name).load(device=ctx.device, **overrides)
+    try:
+        fit = runner.fit(surfaces, side, bscore_folder=bscore_folder,
+                         progress=lambda f, m: ctx.progress(0.05 + 0.9 * f, m))
+    finally:
+        runner.close()
+    paths = fit.save(ctx.work_dir, RECON_PARAMS_FILES[model_name], RECON_MESH_PREFIXES[model_name])
+    params = json.loads(paths["params"].read_text())
+    outputs = {"params": Output(paths["params"].name, "json", description=f"{model_name} fit parameters")}
+    for key, path in paths.items():
+        if key != "params":
+            outputs[key] = Output(path.name, "mesh", description=f"{model_name} reconstruction of {key}")
+    metrics = {k: params.get(k) for k in ("assd_bone_mm", "assd_cartilage_mm", "Bscore")}
+    return StepResult(outputs=outputs, metrics=metrics)

@@ -19,9 +19,11 @@ Steps:
    thickness statistics.
 5. ``t2`` (optional): T2 map and regional T2 on multi-echo input; skipped with
    the reason otherwise (``t2: on`` makes a single-echo input a recorded failure).
-6. ``results``: ``<case>_results.json`` and ``.csv``.
+7. ``results``: ``<case>_results.json`` and ``.csv``.
 
-Neural shape model fits are a later step.
+6. ``nsm_bone_only``, ``nsm_bone_and_cart`` (optional, by ``nsm_type``): shape
+   model fits to the femur (and its cartilage) meshes, one process each, so GPU
+   memory is released between them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ STEP_FUNCTIONS = {
     "subregions": "workbench.knee.analysis:subregions",
     "meshes": "workbench.knee.analysis:meshes_and_thickness",
     "t2": "workbench.knee.analysis:t2_mapping",
+    "nsm": "workbench.knee.analysis:nsm_fit",
     "results": "workbench.knee.analysis:results_table",
 }
 
@@ -136,11 +139,33 @@ def _analyse(run: Run, config: dict[str, Any], case: str, loaded: Any, labels: P
                           echoes=echoes, info=info, labels=str(analysed), case=case,
                           method=t2_config.get("method", "nonlinear"), min_r2=float(t2_config.get("min_r2", 0.8)),
                           skip_first_echo=bool(t2_config.get("skip_first_echo", False)))
+    nsm_params = []
+    for model_name in _nsm_models(options_nsm_type(config)):
+        section = config.get("nsm_bone_only" if model_name == "bone_only" else "nsm", {}) or {}
+        bscore = config.get("bscore_bone_only" if model_name == "bone_only" else "bscore", {}) or {}
+        state = section.get("path_model_config") or section.get("path_model_state")
+        fit = run.step(
+            f"nsm_{model_name}", STEP_FUNCTIONS["nsm"], timeout_s=timeouts.get("nsm_s"), optional=True,
+            model=model_name, model_name=model_name, femur_mesh=str(meshes.outputs["femur_mesh.ply"]),
+            cartilage_mesh=str(meshes.outputs["fem_cart_mesh.ply"]) if "fem_cart_mesh.ply" in meshes.outputs
+            else None,
+            side=sub.values.get("side") if sub is not None else None,
+            model_folder=str(Path(state).parent) if state else None,
+            bscore_folder=bscore.get("path_model_folder"), max_iterations=section.get("max_iterations"))
+        if fit is not None:
+            nsm_params.append(str(fit.outputs["params"]))
     run.step("results", STEP_FUNCTIONS["results"], timeout_s=timeouts.get("results_s"),
              labels=str(analysed), case=case, thickness=str(meshes.outputs["summary"]),
              t2=str(t2.outputs["summary"]) if t2 is not None else None,
-             subregions=str(sub.outputs["geometry"]) if sub is not None else None,
+             subregions=str(sub.outputs["geometry"]) if sub is not None else None, nsm=nsm_params,
              steps={s.name: s.status for s in run.steps})
+
+
+def options_nsm_type(config: dict[str, Any]) -> str:
+    """The ``nsm_type`` the job config's two NSM flags stand for."""
+    from workbench.config import nsm_type_from_config
+
+    return nsm_type_from_config(config)
 
 
 def nnunet_overrides(config: dict[str, Any]) -> dict[str, Any]:
