@@ -2,8 +2,7 @@
 
     python bench/train_knee_seg.py --cases 40 --epochs 40 --out models/knee_nnunet
 
-Needs an environment with nnunetv2 2.8.x (not a workbench dependency), e.g.
-``python3 -m venv /tmp/nnvenv && /tmp/nnvenv/bin/pip install -e . nnunetv2==2.8.1``.
+Runs in the project's environment (``make setup``; nnunetv2 2.8.x is a dependency).
 nnU-Net's raw/preprocessed/results folders go to ``--work`` (default
 ``/tmp/nnunet_work``), never into the repository.  Steps (each prints its wall
 time): synthetic cases (training seeds ``0..cases-1``, held-out seeds from

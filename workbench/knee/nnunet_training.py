@@ -195,7 +195,7 @@ def build_raw_dataset(raw_root: str | Path, n_cases: int, *, seed_start: int = 0
 # planning and preprocessing
 
 
-def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None):
+def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None, max_batch_size: int | None = 2):
     """nnU-Net's default ``ExperimentPlanner`` with a small network and a hand-made cascade.
 
     Base 8 features (max 64), one conv per stage in encoder and decoder.  After the
@@ -205,7 +205,9 @@ def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None):
     dropped them.  ``fullres_patch_size`` (nnU-Net axis order) caps the ``3d_fullres``
     patch (the default planner takes the whole 64x128x128 image, about 80 s an epoch
     of 25 iterations on 2 CPU cores); each size must divide by the network's total
-    stride on that axis.  Imports nnunetv2: set the environment first (:func:`set_nnunet_env`).
+    stride on that axis.  ``max_batch_size`` caps the 3D batch size (nnU-Net grows it
+    with the number of cases; on a CPU, more updates of batch 2 learn faster than
+    fewer of batch 4).  Imports nnunetv2: set the environment first (:func:`set_nnunet_env`).
     """
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import (
         ExperimentPlanner,
@@ -214,6 +216,7 @@ def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None):
     class TinyPlanner(ExperimentPlanner):
         lowres_factor = 2.0
         max_patch_size = tuple(fullres_patch_size) if fullres_patch_size else None
+        batch_cap = max_batch_size
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -246,6 +249,10 @@ def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None):
                     k: v for k, v in configs.items() if k not in ("2d", "3d_lowres")}}
                 plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres",
                                                                  "previous_stage": "3d_lowres"}
+            if self.batch_cap:
+                for name, config in plans["configurations"].items():
+                    if name.startswith("3d") and "batch_size" in config:
+                        config["batch_size"] = min(int(config["batch_size"]), int(self.batch_cap))
             self.plans = plans
             self.save_plans(plans)
             return plans
@@ -255,7 +262,8 @@ def tiny_planner_class(fullres_patch_size: Sequence[int] | None = None):
 
 def plan_and_preprocess(dataset_id: int = DATASET_ID, *, plans_name: str = PLANS_NAME, n_proc: int = 2,
                         configurations: Iterable[str] = ("3d_fullres", "3d_lowres"),
-                        fullres_patch_size: Sequence[int] | None = (48, 96, 96)) -> dict[str, Any]:
+                        fullres_patch_size: Sequence[int] | None = (48, 96, 96),
+                        max_batch_size: int | None = 2) -> dict[str, Any]:
     """Fingerprint, plan (:func:`tiny_planner_class`) and preprocess; returns the plans (needs the env set)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
@@ -265,7 +273,7 @@ def plan_and_preprocess(dataset_id: int = DATASET_ID, *, plans_name: str = PLANS
 
     extract_fingerprint_dataset(dataset_id, num_processes=n_proc, check_dataset_integrity=False, clean=True,
                                 verbose=False, show_progress_bar=False)
-    plans, _ = plan_experiment_dataset(dataset_id, tiny_planner_class(fullres_patch_size),
+    plans, _ = plan_experiment_dataset(dataset_id, tiny_planner_class(fullres_patch_size, max_batch_size),
                                        overwrite_plans_name=plans_name)
     preprocess_dataset(dataset_id, plans_name, tuple(configurations), num_processes=[n_proc],
                        show_progress_bar=False)
@@ -300,13 +308,16 @@ def train_command(configuration: str, dataset_id: int = DATASET_ID, *, plans_nam
 def train(configuration: str, work_dir: str | Path, *, epochs: int = 40, iterations: int = 25,
           val_iterations: int = 5, n_proc: int = 1, log_file: str | Path | None = None, device: str = "cpu",
           skip_final_validation: bool = True, dataset_id: int = DATASET_ID,
-          time_budget_s: float | None = None, threads: int | None = None) -> dict[str, Any]:
+          time_budget_s: float | None = None, threads: int | None = None,
+          continue_training: bool = False) -> dict[str, Any]:
     """Train ``configuration`` (fold ``all``) with the short trainer; returns wall time and output folder.
 
     ``3d_lowres`` always runs its final validation (it writes the ``predicted_next_stage``
     segmentations ``3d_cascade_fullres`` trains on); the others skip it when
     ``skip_final_validation`` (it would only predict the training cases).  With
-    ``time_budget_s`` the trainer lowers the number of epochs to what fits.
+    ``time_budget_s`` the trainer sets the number of epochs to what fits (at most
+    ``epochs``).  ``continue_training`` resumes from the configuration's last
+    checkpoint (nnU-Net's ``--c``) and trains on up to ``epochs`` in all.
     """
     env = nnunet_env(work_dir, n_proc=n_proc)
     env.update({"WORKBENCH_NNUNET_EPOCHS": str(epochs), "WORKBENCH_NNUNET_ITERS": str(iterations),
@@ -316,7 +327,7 @@ def train(configuration: str, work_dir: str | Path, *, epochs: int = 40, iterati
         env["WORKBENCH_NNUNET_THREADS"] = str(threads)
     if time_budget_s:
         env["WORKBENCH_NNUNET_BUDGET_S"] = str(float(time_budget_s))
-    cmd = train_command(configuration, dataset_id, device=device)
+    cmd = train_command(configuration, dataset_id, device=device) + (["--c"] if continue_training else [])
     t0 = time.perf_counter()
     if log_file is None:
         proc = subprocess.run(cmd, check=False, env=env)
@@ -328,9 +339,12 @@ def train(configuration: str, work_dir: str | Path, *, epochs: int = 40, iterati
     if proc.returncode != 0:
         raise RuntimeError(f"nnUNetv2_train {configuration} failed (exit {proc.returncode}); see {log_file}")
     out = results_folder(work_dir, configuration, TRAIN_TRAINER, dataset_id=dataset_id)
+    previous = Path(work_dir) / f"train_{configuration}.json"
+    if continue_training and previous.is_file():  # the wall time of the whole training
+        seconds += float(json.loads(previous.read_text())["seconds"])
     record = {"configuration": configuration, "seconds": round(seconds, 1), "max_epochs": epochs,
               "iterations_per_epoch": iterations, "time_budget_s": time_budget_s, "threads": threads,
-              "folder": str(out)}
+              "continued": continue_training, "folder": str(out)}
     (Path(work_dir) / f"train_{configuration}.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -531,7 +545,8 @@ def write_shipped_metadata(out_root: str | Path, exported: dict[str, dict[str, A
 
 def write_model_card(out_root: str | Path, exported: dict[str, dict[str, Any]],
                      evaluations: Sequence[dict[str, Any]], *, cases: int, held_out: int,
-                     times: dict[str, float], command: str, notes: str = "") -> Path:
+                     times: dict[str, float], command: str, notes: str = "",
+                     iterations: int | str = "n/a") -> Path:
     """Write ``model_card.md`` of the shipped folder from the training and evaluation records."""
     out_root = Path(out_root)
     rows = []
@@ -588,9 +603,11 @@ Fold `all` (every training case used for training).
 ```
 
 Trainer `nnUNetTrainerShort` (`workbench/knee/nnunet_trainers/short_trainer.py`, found through
-`nnUNet_extTrainer`): stock nnU-Net loss, augmentation and poly learning-rate schedule, 25 iterations per
-epoch, batch 2, with a wall-time budget that lowers the number of epochs to what fits (the schedule is
-shortened with it).  2 CPU cores, no GPU; `3d_fullres` and the `3d_lowres` -> `3d_cascade_fullres` chain ran
+`nnUNet_extTrainer`): stock nnU-Net loss, augmentation and poly learning-rate schedule, {iterations}
+iterations per epoch, batch 2, with a wall-time budget that lowers the number of epochs to what fits (the
+schedule is shortened with it).  Mirroring (augmentation and allowed test-time mirroring) only along the
+slice axis, left-right in these sagittal scans: stock nnU-Net also flips head-foot and front-back, after
+which femur and tibia differ only by shape.  2 CPU cores, no GPU; `3d_fullres` and the `3d_lowres` -> `3d_cascade_fullres` chain ran
 side by side, one torch thread each.  Training is not seeded: a rerun gives a similar, not identical, model.
 
 ## Held-out evaluation
@@ -627,10 +644,13 @@ def finalize(work_dir: str | Path, out_root: str | Path, *, cases: int, held_out
     """
     work, out = Path(work_dir), Path(out_root)
     times = dict(times or {})
+    iterations: set[int] = set()
     for c in CONFIGURATIONS:
         rec = work / f"train_{c}.json"
-        if f"train_{c}" not in times and rec.is_file():
-            times[f"train_{c}"] = json.loads(rec.read_text())["seconds"]
+        if rec.is_file():
+            record = json.loads(rec.read_text())
+            times.setdefault(f"train_{c}", record["seconds"])
+            iterations.add(int(record["iterations_per_epoch"]))
     exported = export_model(work, out)
     raw = work / "nnUNet_raw" / DATASET_NAME
     evaluations = []
@@ -643,6 +663,7 @@ def finalize(work_dir: str | Path, out_root: str | Path, *, cases: int, held_out
     (out / "results.json").write_text(json.dumps({"times_s": times, "exported": exported,
                                                   "evaluation": evaluations}, indent=2) + "\n")
     write_model_card(out, exported, evaluations, cases=cases, held_out=evaluations[0]["n_cases"], times=times,
-                     command=command, notes=notes)
+                     command=command, notes=notes,
+                     iterations="/".join(str(i) for i in sorted(iterations)) or "n/a")
     write_shipped_metadata(out, exported, evaluations, cases=cases, times=times, version=version)
     return {"times_s": times, "exported": exported, "evaluation": evaluations}

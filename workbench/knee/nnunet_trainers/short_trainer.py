@@ -15,9 +15,9 @@ comma-separated in nnU-Net axis order; default ``0``, the slice axis, left-right
 in a sagittal knee scan; empty: none),
 ``WORKBENCH_NNUNET_THREADS`` (CPU threads of torch, default nnU-Net's all cores),
 ``WORKBENCH_NNUNET_BUDGET_S`` (optional wall-time budget of the training loop in
-seconds: from the second epoch on, the number of epochs is lowered to what fits,
-and the polynomial learning-rate schedule is shortened with it, so the run still
-ends annealed with ``checkpoint_final.pth``).
+seconds: from the second epoch on, the number of epochs is set to what fits, at
+most ``WORKBENCH_NNUNET_EPOCHS``, and the polynomial learning-rate schedule
+follows it, so the run still ends annealed with ``checkpoint_final.pth``).
 """
 
 import os
@@ -33,7 +33,7 @@ class nnUNetTrainerShort(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008  (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("WORKBENCH_NNUNET_EPOCHS", "40"))
+        self.num_epochs = self.max_epochs = int(os.environ.get("WORKBENCH_NNUNET_EPOCHS", "40"))
         self.num_iterations_per_epoch = int(os.environ.get("WORKBENCH_NNUNET_ITERS", "25"))
         self.num_val_iterations_per_epoch = int(os.environ.get("WORKBENCH_NNUNET_VAL_ITERS", "5"))
         if "WORKBENCH_NNUNET_LR" in os.environ:
@@ -59,14 +59,16 @@ class nnUNetTrainerShort(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = mirror_axes
         return rotation, dummy_2d, patch, mirror_axes
 
-    def _fit_epochs_to_budget(self, started: float) -> None:
-        done = self.current_epoch  # epochs finished (on_epoch_end increments it)
+    def _fit_epochs_to_budget(self, started: float, first_epoch: int) -> None:
+        done = self.current_epoch - first_epoch  # epochs finished in this run (on_epoch_end increments it)
         if self.time_budget_s is None or done < 2:
             return
         elapsed = time.perf_counter() - started
         per_epoch = elapsed / done
-        fit = done + int((self.time_budget_s - elapsed) // per_epoch)
-        new = max(done, min(self.num_epochs, fit))  # done: out of time, the loop ends now
+        fit = self.current_epoch + int((self.time_budget_s - elapsed) // per_epoch)
+        # the count may grow again (up to the maximum asked for) when epochs get faster, e.g. once a
+        # run beside this one ends; out of time, the loop ends now
+        new = max(self.current_epoch, min(self.max_epochs, fit))
         if new != self.num_epochs:
             self.print_to_log_file(f"Time budget {self.time_budget_s:.0f} s: {per_epoch:.1f} s per epoch, "
                                    f"training {new} epochs instead of {self.num_epochs}")
@@ -75,8 +77,8 @@ class nnUNetTrainerShort(nnUNetTrainer):
 
     def run_training(self):
         # the stock loop, but with a number of epochs that may shrink to the time budget
-        self.on_train_start()
-        started = time.perf_counter()
+        self.on_train_start()  # a continued run (--c) has loaded its checkpoint and epoch here
+        started, first_epoch = time.perf_counter(), self.current_epoch
         while self.current_epoch < self.num_epochs:
             self.on_epoch_start()
             self.on_train_epoch_start()
@@ -89,7 +91,7 @@ class nnUNetTrainerShort(nnUNetTrainer):
                                for _ in range(self.num_val_iterations_per_epoch)]
                 self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
-            self._fit_epochs_to_budget(started)
+            self._fit_epochs_to_budget(started, first_epoch)
         self.on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
