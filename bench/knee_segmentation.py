@@ -3,9 +3,11 @@
 For each held-out synthetic case (seeds never used in training) and each model
 (``nnunet_fullres``, ``nnunet_cascade``):
 
-* the workbench: ``run_knee`` on the case's NIfTI (input step + segmentation step,
-  each in its own child process, exactly as ``workbench run knee`` runs them
-  inside the notebook), timing the whole run and the segmentation step;
+* the workbench: ``run_knee`` on the case's NIfTI, as ``workbench run knee`` runs
+  it inside the notebook (each step in its own child process), timing the
+  segmentation step, the input and segmentation steps together (what nnU-Net's
+  command line also does: read the image, predict, write the labels) and, for
+  information, the whole run with the analysis steps after segmentation;
 * nnU-Net itself: ``nnUNetv2_predict_from_modelfolder`` on the same NIfTI
   (for the cascade: the 3d_lowres stage, then 3d_cascade_fullres with
   ``-prev_stage_predictions``), same folds, checkpoint, step size and no mirroring.
@@ -29,11 +31,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from workbench.config import KneeOptions, knee_job_config
 from workbench.data.labels import KNEE_LABELS
 from workbench.data.synthetic_knee import SyntheticKneeConfig, generate_case, write_case
 from workbench.knee.pipeline import nnunet_overrides, run_knee
-from workbench.knee.segmentation import dice_scores, find_configuration, postprocess, resolve_model_root
-from workbench.config import knee_job_config, KneeOptions
+from workbench.knee.segmentation import (
+    dice_scores,
+    find_configuration,
+    postprocess,
+    resolve_model_root,
+)
 from workbench.progress import Progress
 from workbench.registry import REGISTRY
 
@@ -107,13 +114,15 @@ def main() -> int:
               f"{time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs")
         for model in args.models:
             dice: dict[str, list[float]] = {label.key: [] for label in KNEE_LABELS}
-            wb_run, wb_step, cli_s, rss, agree, paired = [], [], [], [], [], []
+            wb_run, wb_step, cli_s, rss, agree, paired, full_run = [], [], [], [], [], [], []
             for index, case in enumerate(cases):
                 run_dir = tmp / "runs" / f"{model}-{index}"
                 t = time.perf_counter()
                 run = run_knee({"input": str(case["image"]), "segmentation_model": model, "device": "cpu"},
                                run_dir=run_dir, progress=Progress([]))
-                wb_run.append(time.perf_counter() - t)
+                full_run.append(time.perf_counter() - t)
+                # input + segmentation: the two steps' wall times, each with its child process start
+                wb_run.append(sum(s.seconds for s in run.steps if s.name in ("load_input", "segmentation")))
                 step = next(s for s in run.steps if s.name == "segmentation")
                 wb_step.append(step.seconds)
                 rss.append(step.peak_rss_mb or 0.0)
@@ -135,7 +144,8 @@ def main() -> int:
             row = {
                 "dice_mean": {k: round(statistics.mean(v), 4) for k, v in dice.items() if v},
                 "dice_min": {k: round(min(v), 4) for k, v in dice.items() if v},
-                "workbench_run_s": round(statistics.median(wb_run), 2),
+                "workbench_input_plus_segmentation_s": round(statistics.median(wb_run), 2),
+                "workbench_whole_run_with_analysis_s": round(statistics.median(full_run), 2),
                 "workbench_segmentation_step_s": round(statistics.median(wb_step), 2),
                 "segmentation_step_peak_rss_mb": round(max(rss), 0),
             }
@@ -144,7 +154,7 @@ def main() -> int:
                 row["nnunet_cli_s"] = round(statistics.median(cli_s), 2)
                 row["ratio_segmentation_step_to_cli"] = round(
                     statistics.median(p[0] for p in paired) / statistics.median(cli_s), 3)
-                row["ratio_whole_run_to_cli"] = round(statistics.median(p[1] for p in paired) / statistics.median(cli_s), 3)
+                row["ratio_input_plus_segmentation_to_cli"] = round(statistics.median(p[1] for p in paired) / statistics.median(cli_s), 3)
                 row["voxel_agreement_with_cli"] = round(min(agree), 6)
             figures[model] = row
             print(f"\n{model}:")

@@ -36,15 +36,18 @@ def test_case_names():
 
 
 def test_run_knee_writes_canonical_image(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_MODELS", str(tmp_path / "no_models"))  # no segmentation model installed
+    # no segmentation model installed: the run fails with MODEL_UNAVAILABLE, the loaded input stays
+    monkeypatch.setenv("WORKBENCH_MODELS", str(tmp_path / "no_models"))
     (tmp_path / "no_models").mkdir()
     data, affine = _nifti(tmp_path / "scan.nii.gz")
-    run = run_knee({"input": str(tmp_path / "scan.nii.gz"), "device": "cpu"}, run_dir=tmp_path / "run")
+    with pytest.raises(WorkbenchError) as info:
+        run_knee({"input": str(tmp_path / "scan.nii.gz"), "device": "cpu"}, run_dir=tmp_path / "run")
+    assert info.value.code is ErrorCode.MODEL_UNAVAILABLE and "no_models" in info.value.message
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "ok"
-    assert [(s["name"], s["status"]) for s in result["steps"]] == [("load_input", "ok"), ("segmentation", "skipped")]
-    assert "--model-dir" in result["steps"][1]["error"]["message"]
-    img = nib.load(str(run.run_dir / "scan_image.nii.gz"))
+    assert result["status"] == "failed" and result["error"]["code"] == "MODEL_UNAVAILABLE"
+    assert [(s["name"], s["status"]) for s in result["steps"]] == [("load_input", "ok"), ("segmentation", "failed")]
+    run_dir = tmp_path / "run"
+    img = nib.load(str(run_dir / "scan_image.nii.gz"))
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     out = np.asarray(img.dataobj)
     # the same voxel value sits at the same world position after reorientation
@@ -53,10 +56,10 @@ def test_run_knee_writes_canonical_image(tmp_path, monkeypatch):
         new_ijk = np.rint(np.linalg.solve(img.affine[:3, :3], world - img.affine[:3, 3])).astype(int)
         assert out[tuple(new_ijk)] == pytest.approx(data[ijk])
     for record in result["outputs"]:
-        assert sha256_of(run.run_dir / record["path"]) == record["sha256"]
-    info = json.loads((run.run_dir / "input.json").read_text())
+        assert sha256_of(run_dir / record["path"]) == record["sha256"]
+    info = json.loads((run_dir / "input.json").read_text())
     assert info["orientation"] == "RAS" and sorted(info["spacing_mm"]) == pytest.approx([0.8, 1.0, 2.0])
-    assert json.loads((run.run_dir / "config.json").read_text())["nnunet"]["type"] == "fullres"
+    assert json.loads((run_dir / "config.json").read_text())["nnunet"]["type"] == "fullres"
 
 
 def test_resampling_and_ground_truth(tmp_path):

@@ -47,10 +47,14 @@ def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     jsonschema.validate(result, RESULT_SCHEMA)
     assert result["status"] == "ok" and result["parameters"]["input"] == str(sample["dicom"])
+    statuses = {s["name"]: s["status"] for s in result["steps"]}
+    assert statuses["segmentation"] == "ok" and statuses["meshes"] == "ok" and statuses["results"] == "ok"
+    assert result["metrics"]["segmentation"]["dice"]["femur"] > 0.8  # the shipped model on a held-out sample
     for record in result["outputs"]:
         assert sha256_of(out / record["path"]) == record["sha256"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64") >= 2  # image and ground-truth figures, embedded
+    assert html.count("data:image/png;base64") >= 4  # segmentation, ground truth, thickness figures, embedded
+    assert "knee side:" in html  # the results table
     assert "run_knee(options" not in html  # code hidden
     assert "<script src=" not in html and "cdnjs" not in html  # nothing fetched from the network
     events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
@@ -66,6 +70,8 @@ def test_quickstart_runs_headless(tmp_path):
     assert report.is_file() and "data:image/png;base64" in report.read_text()  # the sample's slice figure
     result = json.loads((tmp_path / "demo" / "knee-run" / "result.json").read_text())
     assert result["status"] == "ok"
+    assert {s["name"]: s["status"] for s in result["steps"]}["segmentation"] == "ok"
+    assert "femur_mesh.vtk" in {Path(o["path"]).name for o in result["outputs"]}
 
 
 @pytest.mark.slow

@@ -567,6 +567,10 @@ keys): 1 `pat_cart`, 2 `fem_cart`, 3 `med_tib_cart`, 4 `lat_tib_cart`, 5 `med_me
 
 **Synthetic training data only. Not validated on real MRI; not for clinical use.**
 
+Licence: MIT (the weights, as the workbench).  The training images are synthetic; the label map they were
+made from is from the `mskt` 0.1.22 sdist (MIT).  `metadata.json` lists every file with its sha256
+(`workbench models verify` checks them).
+
 ## Layout
 
 Each configuration is a folder as nnU-Net writes it (`dataset.json`, `plans.json`,

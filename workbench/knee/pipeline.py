@@ -34,7 +34,6 @@ from typing import Any
 from workbench.config import KneeOptions, knee_job_config, parse_options
 from workbench.errors import WorkbenchError
 from workbench.gpu import resolve_device
-from workbench.knee.segmentation import resolve_model_root
 from workbench.knee.steps import case_name
 from workbench.progress import Progress, default_sinks
 from workbench.runner import Run, new_run_dir
@@ -86,11 +85,6 @@ def run_knee(
             labels = loaded.outputs["segmentation"]
             run.skip("segmentation", f"labels given: {config['input']['segmentation']}",
                      model=options.segmentation_model)
-        elif options.model_dir is None and not resolve_model_root(config["nnunet"]["model_name"]).exists():
-            # TEMPORARY until the shipped models land in models/knee_nnunet (issue 4)
-            run.skip("segmentation", "no segmentation model is installed yet; pass --model-dir or --segmentation",
-                     model=options.segmentation_model)
-            return run
         else:
             post = config.get("segmentation", {})
             segmented = run.step(
