@@ -92,6 +92,12 @@ def meshes_and_thickness(ctx: StepContext, labels: str, case: str, n_vertices: d
                             "Meshes and thickness need the femur; check the segmentation or the label file.")
     ctx.progress(0.05, "meshing bones and measuring cartilage")
     bones, stats = knee_thickness(data, affine, n_vertices=n_vertices, sigma_mm=sigma_mm)
+    too_small = [bone for bone, result in bones.items() if len(result.mesh.faces) == 0]
+    if "femur" in too_small:
+        raise InvalidFormat(f"The femur in {Path(labels).name} is too small to mesh "
+                            f"({int(np.count_nonzero(data == BONES['femur'][0]))} voxels)",
+                            "Check the segmentation: the femur should be one large connected structure.")
+    bones = {bone: result for bone, result in bones.items() if bone not in too_small}
     outputs: dict[str, Output] = {}
     per_bone: dict[str, Any] = {}
     for i, (bone, result) in enumerate(bones.items()):
@@ -103,8 +109,8 @@ def meshes_and_thickness(ctx: StepContext, labels: str, case: str, n_vertices: d
                                                   description=f"{bone} surface, thickness_mm and region")
         cart_values = [v for v in BONES[bone][1] if v in set(np.unique(data).tolist())]
         cart_name = CARTILAGE_MESHES[bone]
-        if cart_values:
-            cart = mesh_from_labels(data, affine, cart_values, keep_largest=False)
+        cart = mesh_from_labels(data, affine, cart_values, keep_largest=False) if cart_values else None
+        if cart is not None and len(cart.faces):  # fragments may vanish in the smoothing
             for ext, writer in ((".vtk", write_vtk), (".ply", write_ply)):
                 writer(ctx.work_dir / f"{cart_name}_mesh{ext}", cart, None)
                 outputs[f"{cart_name}_mesh{ext}"] = Output(f"{cart_name}_mesh{ext}", "mesh",
@@ -116,6 +122,7 @@ def meshes_and_thickness(ctx: StepContext, labels: str, case: str, n_vertices: d
                           if covered.any() else None,
                           "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}
     summary = {"stats": stats, "bones": per_bone, "missing_bones": sorted(set(BONES) - set(bones)),
+               "too_small_to_mesh": too_small,
                "method": "smoothed label fields sampled along bone normals (workbench.knee.thickness)"}
     (ctx.work_dir / f"{case}_thickness.json").write_text(json.dumps(summary, indent=2))
     outputs["summary"] = Output(f"{case}_thickness.json", "json", description="regional cartilage thickness")
