@@ -128,3 +128,19 @@ def test_labels_outside_the_table_are_refused_on_load(sample, tmp_path):
         load_input(StepContext.for_testing(tmp_path / "work"), str(sample["image"]), "knee",
                    segmentation=str(tmp_path / "bad.nii.gz"))
     assert_error(info, ErrorCode.INVALID_FORMAT, "42")
+
+
+def test_shipped_shape_model_fits_the_femur_and_its_cartilage(sample, tmp_path):
+    run = run_knee({"input": str(sample["image"]), "segmentation": str(sample["labels"]), "t2": "off",
+                    "nsm_type": "bone_and_cart", "device": "cpu"}, run_dir=tmp_path / "run")
+    steps, _ = _statuses(run.run_dir)
+    assert steps["nsm_bone_and_cart"] == "ok"
+    params = json.loads((run.run_dir / "NSM_recon_params.json").read_text())
+    assert {"latent", "Bscore", "icp_transform", "center", "scale", "assd_bone_mm", "assd_cartilage_mm"} <= set(params)
+    assert params["Bscore"] is None  # no B-score folder configured
+    # a synthetic knee made from a training subject: a floor well above the model card's figures
+    assert params["assd_bone_mm"] < 1.0 and params["assd_cartilage_mm"] < 0.6
+    for name in ("NSM_recon_femur.ply", "NSM_recon_femoral_cartilage.ply"):
+        assert (run.run_dir / name).stat().st_size > 10_000, name
+    row = json.loads((run.run_dir / "knee_results.json").read_text())["results"]
+    assert row["nsm_assd_bone_mm"] == pytest.approx(params["assd_bone_mm"], abs=1e-3)
