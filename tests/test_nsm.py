@@ -211,7 +211,7 @@ def test_fit_is_deterministic_and_left_knee_is_the_mirrored_right(femur_model):
     assert fit_l.assd_mm["femur"] == pytest.approx(fit_r.assd_mm["femur"], abs=1e-6)
     # the left reconstruction lies on the left (x < 0) and is the mirror image of the right one
     assert fit_l.meshes[0].centroid[0] < -30.0
-    assert assd(fit_l.meshes[0], mirror_mesh(fit_r.meshes[0]), n_points=3000) < 1e-6
+    assert assd(fit_l.meshes[0], mirror_mesh(fit_r.meshes[0]), n_points=3000) < 1e-4  # microns: float32 round-off of the mirrored fit, not a different shape
     assert fit_l.recon_params()["side"] == "left" and fit_l.recon_params()["mirrored"] is True
 
 
