@@ -31,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from workbench.config import KneeOptions, knee_job_config, parse_options
+from workbench.config import KneeOptions, knee_job_config, nsm_type_from_config, parse_options
 from workbench.errors import WorkbenchError
 from workbench.gpu import resolve_device
 from workbench.knee.steps import case_name
@@ -134,7 +134,7 @@ def _analyse(run: Run, config: dict[str, Any], case: str, loaded: Any, labels: P
                           method=t2_config.get("method", "nonlinear"), min_r2=float(t2_config.get("min_r2", 0.8)),
                           skip_first_echo=bool(t2_config.get("skip_first_echo", False)))
     nsm_params = []
-    for model_name in _nsm_models(options_nsm_type(config)):
+    for model_name in _nsm_models(nsm_type_from_config(config)):
         section = config.get("nsm_bone_only" if model_name == "bone_only" else "nsm", {}) or {}
         bscore = config.get("bscore_bone_only" if model_name == "bone_only" else "bscore", {}) or {}
         state = section.get("path_model_config") or section.get("path_model_state")
@@ -153,13 +153,6 @@ def _analyse(run: Run, config: dict[str, Any], case: str, loaded: Any, labels: P
              t2=str(t2.outputs["summary"]) if t2 is not None else None,
              subregions=str(sub.outputs["geometry"]) if sub is not None else None, nsm=nsm_params,
              steps={s.name: s.status for s in run.steps})
-
-
-def options_nsm_type(config: dict[str, Any]) -> str:
-    """The ``nsm_type`` the job config's two NSM flags stand for."""
-    from workbench.config import nsm_type_from_config
-
-    return nsm_type_from_config(config)
 
 
 def nnunet_overrides(config: dict[str, Any]) -> dict[str, Any]:

@@ -86,18 +86,14 @@ def load_input(
         write_nifti(volume.echoes.astype(np.float32), volume.affine, ctx.work_dir / echo_name)
         outputs["echoes"] = Output(echo_name, "nifti", expect={"shape": list(volume.echoes.shape)},
                                    description="all echoes (last axis), for T2 mapping")
-    if labels is not None:
-        gt_name = f"{case}_ground-truth.nii.gz"
-        write_nifti(labels.data, labels.affine, ctx.work_dir / gt_name, dtype=np.uint8)
-        outputs["ground_truth"] = Output(gt_name, "nifti", expect={
-            "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
-            description="ground-truth labels on the image grid")
-    if given is not None:
-        seg_name = f"{case}_all-labels.nii.gz"
-        write_nifti(given.data, given.affine, ctx.work_dir / seg_name, dtype=np.uint8)
-        outputs["segmentation"] = Output(seg_name, "nifti", expect={
-            "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
-            description="the given segmentation on the image grid")
+    for key, label_map, name, description in (
+            ("ground_truth", labels, f"{case}_ground-truth.nii.gz", "ground-truth labels on the image grid"),
+            ("segmentation", given, f"{case}_all-labels.nii.gz", "the given segmentation on the image grid")):
+        if label_map is not None:
+            write_nifti(label_map.data, label_map.affine, ctx.work_dir / name, dtype=np.uint8)
+            outputs[key] = Output(name, "nifti", expect={
+                "shape": list(volume.shape), "affine": volume.affine.tolist(), "labels": LABEL_VALUES},
+                description=description)
     ctx.progress(0.7, "writing preview")
     preview_name = f"{case}_preview.png"
     save_figure(orthogonal_slices(volume, given if given is not None else labels, title=case),
