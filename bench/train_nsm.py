@@ -167,10 +167,11 @@ def train_one(model_name: str, args: argparse.Namespace) -> dict:
         sources.append(source_from_labels(labels, affine, spec["surfaces"], composition=spec["composition"],
                                           name=f"generator{500 + i}", side=side))
     frame = reference_frame(sources[0], FEMUR_CROP)
-    aug = Augmentation()
+    aug = Augmentation(rotation_deg=args.rotation_deg, axis_scale=args.axis_scale, warp_mm=args.warp_mm,
+                       thickness_scale=args.thickness_scale)
     t0 = time.perf_counter()
     shapes = build_training_set(sources, args.shapes, frame, aug, seed=args.seed, n_points=args.points,
-                                surface_weights=spec["weights"], log=log)
+                                surface_weights=spec["weights"], nested=spec["composition"] != "independent", log=log)
     data_s = time.perf_counter() - t0
     log(f"{model_name}: {len(shapes)} training shapes x {args.points} samples in {data_s:.0f} s")
 
@@ -268,7 +269,8 @@ def write_card(folder: Path, model_name: str, spec: dict, arch: NsmArchitecture,
         f"| {r['case']} | {r['side']} | " + ", ".join(f"{k} {v}" for k, v in r["assd_mm"].items()) + " | "
         + ", ".join(f"{k} {v}" for k, v in r["assd_mean_shape_mm"].items()) + f" | {r['seconds']} |"
         for r in info["evaluation"])
-    aug = Augmentation()
+    aug = Augmentation(rotation_deg=args.rotation_deg, axis_scale=args.axis_scale, warp_mm=args.warp_mm,
+                       thickness_scale=args.thickness_scale)
     cart = " and femoral cartilage" if len(spec["surfaces"]) > 1 else ""
     card = f"""# {spec['folder']}: neural shape model ({model_name})
 
@@ -334,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-points", type=int, default=2048)
     parser.add_argument("--generator-shapes", type=int, default=0,
                         help="extra training sources from the synthetic knee generator (about 20 s each)")
+    parser.add_argument("--warp-mm", type=float, default=Augmentation.warp_mm,
+                        help="largest smooth-warp displacement of the training augmentation (mm)")
+    parser.add_argument("--axis-scale", type=float, default=Augmentation.axis_scale,
+                        help="per-axis scale range of the training augmentation (+- fraction)")
+    parser.add_argument("--rotation-deg", type=float, default=Augmentation.rotation_deg,
+                        help="rotation range of the training augmentation (degrees per axis)")
+    parser.add_argument("--thickness-scale", type=float, default=Augmentation.thickness_scale,
+                        help="cartilage thickness augmentation: factor range +- this (bone_and_cart only)")
     parser.add_argument("--holdout", default=None, help="real label map left out of training and fitted after it")
     parser.add_argument("--eval-augmented", type=int, default=4)
     parser.add_argument("--eval-generator", type=int, default=2)

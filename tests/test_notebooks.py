@@ -35,9 +35,10 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
+    # the whole pipeline as a user runs it: shipped segmentation, analysis, both shipped shape models, report
     out = tmp_path / "run"
     code = main(["run", "knee", "--input", str(sample["dicom"]), "--ground-truth", str(sample["labels"]),
-                 "--out", str(out), "--device", "cpu"])
+                 "--out", str(out), "--device", "cpu", "--nsm", "both"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.strip().endswith("report.html")
@@ -49,11 +50,21 @@ def test_workbench_run_knee_end_to_end(sample, tmp_path, capsys):
     assert result["status"] == "ok" and result["parameters"]["input"] == str(sample["dicom"])
     statuses = {s["name"]: s["status"] for s in result["steps"]}
     assert statuses["segmentation"] == "ok" and statuses["meshes"] == "ok" and statuses["results"] == "ok"
+    assert statuses["nsm_bone_only"] == "ok" and statuses["nsm_bone_and_cart"] == "ok"
+    bone_only = json.loads((out / "NSM_bone_only_recon_params.json").read_text())
+    both = json.loads((out / "NSM_recon_params.json").read_text())
+    assert len(bone_only["latent"]) == len(both["latent"]) > 0
+    assert bone_only["assd_bone_mm"] < 1.5 and bone_only["assd_cartilage_mm"] is None
+    assert both["assd_bone_mm"] < 1.5 and both["assd_cartilage_mm"] < 1.0
+    row = json.loads(next(out.glob("*_results.json")).read_text())["results"]
+    assert row["nsm_assd_bone_mm"] == pytest.approx(both["assd_bone_mm"], abs=1e-3)
     assert result["metrics"]["segmentation"]["dice"]["femur"] > 0.8  # the shipped model on a held-out sample
     for record in result["outputs"]:
         assert sha256_of(out / record["path"]) == record["sha256"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64") >= 4  # segmentation, ground truth, thickness figures, embedded
+    # segmentation, ground truth, thickness maps and bars, two shape-model sections: embedded
+    assert html.count("data:image/png;base64") >= 6
+    assert "aligned mean shape ASSD" in html  # the shape-model table
     assert "knee side:" in html  # the results table
     assert "run_knee(options" not in html  # code hidden
     assert "<script src=" not in html and "cdnjs" not in html  # nothing fetched from the network

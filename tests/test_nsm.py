@@ -40,6 +40,7 @@ from workbench.knee.nsm.train import (
     make_training_shape,
     model_from_training,
     nsm_config,
+    random_thickness_factor,
     reference_frame,
     save_trained,
     source_from_labels,
@@ -173,6 +174,28 @@ def test_near_surface_samples_follow_the_noise_scales():
     assert np.allclose(sdf[:, 0], np.linalg.norm(pts, axis=1) - 20.0, atol=0.05)
     assert 0.4 < np.abs(sdf[:2000, 0]).mean() < 1.6  # sigma 1 mm: E|N(0,1)| = 0.8
     assert np.linalg.norm(pts[4000:], axis=1).max() <= 30.0
+
+
+def test_thickness_augmentation_moves_the_outer_surface_of_nested_channels():
+    bone = trimesh.creation.icosphere(4, radius=20.0)
+    shell = trimesh.creation.icosphere(4, radius=22.0)  # a 2 mm "cartilage" all round
+    source = source_from_meshes([bone, shell], composition="offset", name="shell")
+    frame = reference_frame(source, None)
+    rng = np.random.default_rng(3)
+    plain = make_training_shape(source, Deformation(), frame, rng=rng, n_points=4000)
+    thicker = make_training_shape(source, Deformation(), frame, rng=np.random.default_rng(3), n_points=4000,
+                                  thickness_factor=lambda q: np.full(len(q), 1.5))
+    assert np.allclose(plain.points, thicker.points)
+    assert np.allclose(plain.sdf[:, 0], thicker.sdf[:, 0])  # the bone is left alone
+    radius = np.linalg.norm(plain.alignment.to_mm(plain.points), axis=1)
+    # outside the shell: bone distance r - 20 and union r - 22 give union' = (r - 20) - 1.5 * 2 = r - 23
+    outside = radius > 22.5
+    mm = thicker.sdf[outside, 1] / plain.alignment.units_per_mm
+    assert np.allclose(mm, radius[outside] - 23.0, atol=0.05)
+    # a random factor stays in its range and is smooth
+    factor = random_thickness_factor(rng, 0.3, np.asarray(bone.vertices))
+    values = factor(np.asarray(shell.vertices))
+    assert values.min() > 0.7 and values.max() < 1.3 and values.std() > 0.01
 
 
 # --------------------------------------------------------------------------------------------------

@@ -119,3 +119,22 @@ def results_html(document: dict[str, Any]) -> str:
             f" &nbsp; <b>T2 method:</b> {html.escape(str(results.get('t2_method') or '–'))}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
             f"<p><small>steps: {steps}</small></p>")
+
+
+def nsm_html(fits: list) -> str:
+    """A table of shape-model fits (:func:`workbench.knee.nsm.read_saved_fits`): ASSD per surface, B-score, effort."""
+
+    def num(value, digits=3) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    rows = []
+    for fit in fits:
+        p = fit.params
+        base = p.get("assd_mean_shape_mm") or {}
+        for surface, assd in (p.get("assd_mm") or {}).items():
+            cells = [fit.model, surface, num(assd), num(base.get(surface)), num(p.get("Bscore"), 2),
+                     str(p.get("iterations", "")), num(p.get("seconds"), 1), str(p.get("stop_reason", ""))]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("model", "surface", "ASSD (mm)", "aligned mean shape ASSD (mm)",
+                                              "B-score", "iterations", "seconds", "stop"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"

@@ -8,6 +8,7 @@ import numpy as np
 
 from workbench.io.volume import Volume
 
+
 def _label_cmap():
     """Colour map over label values 0-15 from the label table's colours (0 transparent)."""
     from matplotlib.colors import ListedColormap
@@ -130,6 +131,80 @@ def t2_overlay(volume: Volume, t2_ms: Volume, title: str | None = None, vmax_ms:
         ax.axis("off")
     if shown is not None:
         fig.colorbar(shown, ax=list(axes[0]), shrink=0.8, label="T2 (ms)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+REGION_ORDER = ("ant_fem_cart", "med_wb_fem_cart", "lat_wb_fem_cart", "med_post_fem_cart", "lat_post_fem_cart",
+                "fem_cart", "med_tib_cart", "lat_tib_cart", "pat_cart")
+
+
+def region_bars(results: dict, title: str | None = None):
+    """Bar charts of regional cartilage thickness (mean +- std, mm) and, when present, T2 (ms).
+
+    ``results`` is the ``results`` row of ``<case>_results.json``; regions
+    without a value are left out.
+    """
+    import matplotlib.pyplot as plt
+
+    panels = [("mm", "thickness (mm)")]
+    if any(k.endswith("_t2_ms_mean") and v is not None for k, v in results.items()):
+        panels.append(("t2_ms", "T2 (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.6), squeeze=False)
+    for ax, (unit, label) in zip(axes[0], panels):
+        regions = [r for r in REGION_ORDER if results.get(f"{r}_{unit}_mean") is not None]
+        means = [results[f"{r}_{unit}_mean"] for r in regions]
+        stds = [results.get(f"{r}_{unit}_std") or 0.0 for r in regions]
+        ax.bar(range(len(regions)), means, yerr=stds, capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(regions)))
+        ax.set_xticklabels([r.replace("_cart", "") for r in regions], rotation=40, ha="right")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        if not regions:
+            ax.text(0.5, 0.5, "no regional values", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def mesh_sections(inputs: dict, reconstructions: dict, title: str | None = None):
+    """Cross-sections of input surfaces (black) with their reconstructions (colour) through three mid-planes.
+
+    ``inputs`` and ``reconstructions`` map a surface name to a trimesh mesh in
+    the same frame (scanner mm); sections go through the centre of the first
+    input, along the sagittal, coronal and axial planes.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from trimesh.intersections import mesh_plane
+
+    names = list(inputs)
+    centre = np.asarray(inputs[names[0]].bounds).mean(axis=0) if names else np.zeros(3)
+    planes = (("sagittal", 0, (1, 2)), ("coronal", 1, (0, 2)), ("axial", 2, (0, 1)))
+    colours = ("tab:red", "tab:blue", "tab:green")
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.4))
+    for ax, (plane, axis, (h, v)) in zip(axes, planes):
+        normal = np.eye(3)[axis]
+        for i, name in enumerate(names):
+            for mesh, colour, width, label in ((inputs[name], "k", 1.6, f"{name} (input)"),
+                                               (reconstructions.get(name), colours[i % 3], 1.0,
+                                                f"{name} (shape model)")):
+                if mesh is None:
+                    continue
+                segments = mesh_plane(mesh, normal, centre)
+                if len(segments):
+                    ax.add_collection(LineCollection(segments[:, :, [h, v]], colors=colour, linewidths=width,
+                                                     label=label))
+        ax.autoscale()
+        ax.set_aspect("equal")
+        ax.set_title(f"{plane} section")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     return fig

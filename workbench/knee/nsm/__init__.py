@@ -53,6 +53,8 @@ __all__ = [
     "load_nsm",
     "model_folder_path",
     "nsm_models",
+    "read_saved_fits",
+    "SavedFit",
     "run_nsm",
     "save_nsm",
     "setup_nsm",
@@ -74,6 +76,42 @@ def nsm_models(nsm_type: str) -> list[str]:
     if nsm_type not in table:
         raise ConfigError(f"Unknown nsm_type {nsm_type!r}; allowed: {', '.join(table)}")
     return table[nsm_type]
+
+
+#: Input mesh the pipeline fits each surface to (written by the meshes step).
+INPUT_MESH_FILES: dict[str, str] = {"femur": "femur_mesh.ply", "femoral_cartilage": "fem_cart_mesh.ply"}
+
+
+@dataclass
+class SavedFit:
+    """One model's fit as a run folder holds it: parameters and, per surface, input and reconstructed meshes."""
+
+    model: str
+    params: dict[str, Any]
+    inputs: dict[str, trimesh.Trimesh]
+    reconstructions: dict[str, trimesh.Trimesh]
+
+
+def read_saved_fits(run_folder: str | Path) -> list[SavedFit]:
+    """The shape-model fits in a knee run folder (bone_only, then bone_and_cart), for figures and tables."""
+    import json
+
+    folder = Path(run_folder)
+    fits = []
+    for name in ("bone_only", "bone_and_cart"):
+        params_path = folder / RECON_PARAMS_FILES[name]
+        if not params_path.is_file():
+            continue
+        params = json.loads(params_path.read_text())
+        recon, inputs = {}, {}
+        for surface, input_name in INPUT_MESH_FILES.items():
+            path = folder / f"{RECON_MESH_PREFIXES[name]}_{surface}.ply"
+            if path.is_file():
+                recon[surface] = trimesh.load(path, force="mesh")
+                if (folder / input_name).is_file():
+                    inputs[surface] = trimesh.load(folder / input_name, force="mesh")
+        fits.append(SavedFit(name, params, inputs, recon))
+    return fits
 
 
 def model_folder_path(model_folder: str | Path) -> Path:

@@ -145,6 +145,10 @@ class Augmentation:
         warp_mm: largest displacement of the smooth warp (drawn in [0.5, 1] x this per shape).
         warp_length_mm: length scale (Gaussian sigma) of the warp's bumps.
         n_bumps: bumps per warp.
+        thickness_scale: nested channels (femur + cartilage) only: the offset between consecutive
+            channels, i.e. the cartilage thickness, is scaled by a smooth random factor in
+            ``[1 - s, 1 + s]`` (0: cartilage keeps the source's thickness).  Warps alone keep
+            each subject's thickness pattern, which new knees do not share.
     """
 
     rotation_deg: float = 4.0
@@ -152,6 +156,7 @@ class Augmentation:
     warp_mm: float = 2.5
     warp_length_mm: float = 20.0
     n_bumps: int = 16
+    thickness_scale: float = 0.0
 
 
 @dataclass
@@ -213,6 +218,26 @@ def random_deformation(rng: np.random.Generator, aug: Augmentation, surface_poin
     return deformation
 
 
+def random_thickness_factor(rng: np.random.Generator, scale: float, surface_points: np.ndarray, *,
+                            length_mm: float = 25.0, n_bumps: int = 8) -> Callable[[np.ndarray], np.ndarray]:
+    """A smooth random field ``f(q)`` in ``(1 - scale, 1 + scale)`` over the source's space (mm).
+
+    ``1 + scale * tanh(g + l(q))``: a global level ``g`` and ``l``, the Gaussian-weighted average of
+    random values at ``n_bumps`` points of ``surface_points`` (an average, so it never saturates
+    where bumps overlap).
+    """
+    centres = surface_points[rng.integers(0, len(surface_points), n_bumps)]
+    values = rng.normal(0.0, 1.0, n_bumps)
+    level = rng.normal(0.0, 0.5)
+
+    def factor(q: np.ndarray) -> np.ndarray:
+        weights = np.exp(-((q[:, None, :] - centres[None]) ** 2).sum(axis=2) / (2 * length_mm ** 2))
+        local = weights @ values / (weights.sum(axis=1) + 1e-12)
+        return 1.0 + scale * np.tanh(level + local)
+
+    return factor
+
+
 # --------------------------------------------------------------------------------------------------
 # frame and training shapes
 
@@ -259,8 +284,13 @@ def reference_frame(source: SourceShape, crop: Mapping[str, Any] | None, *, targ
 def make_training_shape(source: SourceShape, deformation: Deformation, frame: ModelFrame, *,
                         rng: np.random.Generator, n_points: int = 24000, uniform_fraction: float = 0.12,
                         surface_weights: Sequence[float] | None = None, sigmas_mm: Sequence[float] = (1.0, 4.0),
+                        thickness_factor: Callable[[np.ndarray], np.ndarray] | None = None,
                         name: str = "") -> TrainingShape:
-    """Sample one (augmented) shape: near-surface and uniform points with channel targets, in model space."""
+    """Sample one (augmented) shape: near-surface and uniform points with channel targets, in model space.
+
+    ``thickness_factor`` (nested channels): scales each channel's offset from the one before it
+    (``u_k = u_{k-1} - f(q) (u_{k-1} - u_k)``, ``q`` in source mm), which moves the outer surface.
+    """
     crop = frame.crop
     axis = int(crop.get("axis", 2)) if crop else 2
     jac = deformation.mean_scale
@@ -298,6 +328,10 @@ def make_training_shape(source: SourceShape, deformation: Deformation, frame: Mo
     q_all = np.concatenate([q for q, _ in near_parts] + [deformation.inverse(p_uni)])
     p_all = np.concatenate([p for _, p in near_parts] + [p_uni])
     targets = np.stack([grid(q_all) * jac for grid in source.grids], axis=1)
+    if thickness_factor is not None and targets.shape[1] > 1:
+        f = thickness_factor(q_all)
+        for k in range(1, targets.shape[1]):
+            targets[:, k] = targets[:, k - 1] - f * (targets[:, k - 1] - targets[:, k])
     if crop:
         targets = np.maximum(targets, (p_all[:, axis] - cut)[:, None])
     points = align.to_model(p_all)
@@ -306,20 +340,28 @@ def make_training_shape(source: SourceShape, deformation: Deformation, frame: Mo
 
 def build_training_set(sources: Sequence[SourceShape], n_shapes: int, frame: ModelFrame, aug: Augmentation, *,
                        seed: int = 0, n_points: int = 24000, surface_weights: Sequence[float] | None = None,
-                       log: Log | None = None) -> list[TrainingShape]:
-    """``n_shapes`` shapes: each source as it is, then random augmentations of the sources in turn."""
+                       nested: bool = False, log: Log | None = None) -> list[TrainingShape]:
+    """``n_shapes`` shapes: each source as it is, then random augmentations of the sources in turn.
+
+    ``nested``: the sources' channels are nested unions (``nested``/``offset`` compositions), so
+    ``aug.thickness_scale`` applies.
+    """
     rng = np.random.default_rng(seed)
     shapes = []
     t0 = time.perf_counter()
     for i in range(n_shapes):
         source = sources[i % len(sources)]
+        thickness = None
         if i < len(sources):
             deformation = Deformation()
         else:
             pts, _ = sample_surface(source.meshes[0], 4000, rng)
             deformation = random_deformation(rng, aug, pts)
+            if nested and aug.thickness_scale > 0 and len(source.grids) > 1:
+                thickness = random_thickness_factor(rng, aug.thickness_scale, pts)
         shapes.append(make_training_shape(source, deformation, frame, rng=rng, n_points=n_points,
-                                          surface_weights=surface_weights, name=f"{source.name}#{i}"))
+                                          surface_weights=surface_weights, thickness_factor=thickness,
+                                          name=f"{source.name}#{i}"))
         if log and (i + 1) % 20 == 0:
             log(f"  {i + 1}/{n_shapes} training shapes ({time.perf_counter() - t0:.0f} s)")
     return shapes
