@@ -35,8 +35,12 @@ test: data
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# PYMSKT_PYTHON: an interpreter with pymskt, for the side-by-side thickness figures (see bench/pymskt_reference.py)
+PYMSKT_PYTHON ?=
 bench: data
 	$(PY) bench/dicom_io.py
+	$(PY) bench/knee_analysis.py --quick --json outputs/bench_knee_analysis.json \
+		$(if $(PYMSKT_PYTHON),--pymskt-python $(PYMSKT_PYTHON))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -262,18 +262,12 @@ def nsm(args) -> dict:
 
 def loso_summary(folder: Path) -> dict:
     """Hold-out rows of ``bench/train_nsm.py --holdout`` runs in ``folder/*/summary.json``."""
-    rows = []
-    for path in sorted(folder.glob("*/summary.json")):
-        for model, info in json.loads(path.read_text()).items():
-            for row in info["evaluation"]:
-                if row["case"].startswith("holdout-"):
-                    rows.append({"run": path.parent.name, "model": model,
-                                 "trained_on": info["training"]["sources"], "training_shapes":
-                                 info["training"]["shapes"], "training_s": info["training"]["seconds"],
-                                 "augmentation": info["training"]["augmentation"], **row})
+    from train_nsm import holdout_rows
+
+    rows = holdout_rows(folder)
     if not rows:
         return {"skipped": f"no bench/train_nsm.py --holdout summaries under {folder}"}
-    worst = {}
+    worst: dict[str, float] = {}
     for r in rows:
         for surface, v in r["assd_mm"].items():
             worst[surface] = max(worst.get(surface, 0.0), v)
@@ -370,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
     return 0
 

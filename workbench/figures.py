@@ -170,7 +170,7 @@ def region_bars(results: dict, title: str | None = None):
 
 
 def mesh_sections(inputs: dict, reconstructions: dict, title: str | None = None):
-    """Cross-sections of input surfaces (black) with their reconstructions (colour) through three mid-planes.
+    """Cross-sections of input surfaces (black, greys) with their reconstructions (colour) through three mid-planes.
 
     ``inputs`` and ``reconstructions`` map a surface name to a trimesh mesh in
     the same frame (scanner mm); sections go through the centre of the first
@@ -188,7 +188,7 @@ def mesh_sections(inputs: dict, reconstructions: dict, title: str | None = None)
     for ax, (plane, axis, (h, v)) in zip(axes, planes):
         normal = np.eye(3)[axis]
         for i, name in enumerate(names):
-            for mesh, colour, width, label in ((inputs[name], "k", 1.6, f"{name} (input)"),
+            for mesh, colour, width, label in ((inputs[name], ("k", "0.5", "0.7")[i % 3], 1.6, f"{name} (input)"),
                                                (reconstructions.get(name), colours[i % 3], 1.0,
                                                 f"{name} (shape model)")):
                 if mesh is None:
