@@ -29,7 +29,7 @@ Sections (``--only`` picks some; each skips cleanly when its data is absent):
     through ``fit_nsm``: ASSD per surface beside the aligned mean shape's, and
     seconds per fit (target <= 60 s).  With ``--nsm-loso DIR``: the
     leave-one-subject-out results of ``bench/train_nsm.py --holdout`` runs
-    (``DIR/*/summary.json``): femurs of a subject never seen in training.
+    (any ``summary.json`` below ``DIR``): femurs of a subject never seen in training.
     Targets: ASSD <= 1.0 mm bone, <= 0.5 mm cartilage.
 ``pipeline``
     ``run_knee`` on the bundled sample with its given label map and
@@ -267,7 +267,7 @@ def nsm(args) -> dict:
 
 
 def loso_summary(folder: Path) -> dict:
-    """Hold-out rows of ``bench/train_nsm.py --holdout`` runs in ``folder/*/summary.json``."""
+    """Hold-out rows of ``bench/train_nsm.py --holdout`` runs (any ``summary.json`` below ``folder``)."""
     from train_nsm import holdout_rows
 
     rows = holdout_rows(folder)

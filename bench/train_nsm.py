@@ -246,9 +246,9 @@ def evaluation_cases(spec, sources, held, args, cache):
 
 
 def holdout_rows(folder: Path, model: str | None = None) -> list[dict]:
-    """Held-out-subject fits of ``--holdout`` runs (``folder/*/summary.json``), optionally of one model."""
+    """Held-out-subject fits of ``--holdout`` runs (any ``summary.json`` below ``folder``), optionally of one model."""
     rows = []
-    for path in sorted(Path(folder).glob("*/summary.json")):
+    for path in sorted(Path(folder).rglob("summary.json")):
         for name, info in json.loads(path.read_text()).items():
             if model is not None and name != model:
                 continue
