@@ -190,6 +190,7 @@ def mese_figure(folder: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from t2_accuracy import MESE_ROI
 
     from workbench.data.samples import mese_dir
     from workbench.io.load import load_volume
@@ -198,9 +199,8 @@ def mese_figure(folder: Path) -> Path:
     volume = load_volume(mese_dir(fetch=False))
     echoes = np.moveaxis(volume.echoes, -1, 0)
     fit = fit_t2(echoes, volume.echo_times_ms, method="nonlinear")
-    rois = {7: (slice(116, 133), slice(103, 108)), 16: (slice(110, 123), slice(102, 110))}
     fig, axes = plt.subplots(2, 2, figsize=(9, 8))
-    for column, (k, (rows, cols)) in enumerate(rois.items()):
+    for column, (k, (rows, cols)) in enumerate(MESE_ROI.items()):
         t2_map = np.where(fit.valid[k], fit.t2_ms[k], np.nan)
         centre = ((rows.start + rows.stop) // 2, (cols.start + cols.stop) // 2)
         for row, half in ((0, None), (1, 45)):  # the slice, then the joint around the ROI
@@ -226,11 +226,10 @@ def mese_figure(folder: Path) -> Path:
 
 def nsm(args) -> dict:
     import torch
-    from train_nsm import MODELS, SURFACE_LABELS, generator_case
+    from train_nsm import MODELS, SURFACE_LABELS, fit_row, generator_case
 
     from workbench.config import models_dir
     from workbench.errors import WorkbenchError
-    from workbench.knee.nsm.fit import fit_nsm
     from workbench.knee.nsm.model import load_nsm
     from workbench.knee.nsm.sdf import mesh_from_mask
 
@@ -252,12 +251,7 @@ def nsm(args) -> dict:
                 out["shipped"][name] = {"skipped": f"mskt sample data absent ({exc.message})"}
                 break
             meshes = [mesh_from_mask(np.isin(labels, SURFACE_LABELS[s]), affine) for s in spec["surfaces"]]
-            fit = fit_nsm(model, meshes, side, baseline=True)
-            rows.append({"case": f"generator-{source}-{seed}", "side": side, "seconds": round(fit.seconds, 1),
-                         "iterations": fit.iterations, "stop": fit.stop_reason,
-                         "assd_mm": {k: round(v, 3) for k, v in fit.assd_mm.items()},
-                         "assd_mean_shape_mm": {k: round(v, 3) for k, v in (fit.assd_mean_shape_mm or {}).items()},
-                         "timings_s": {k: round(v, 2) for k, v in fit.timings.items()}})
+            rows.append(fit_row(model, f"generator-{source}-{seed}", meshes, side))
             log(f"  {name} {rows[-1]['case']}: {rows[-1]['assd_mm']} in {rows[-1]['seconds']} s")
         if rows:
             out["shipped"][name] = {"fits": rows, "fit_seconds_max": max(r["seconds"] for r in rows)}

@@ -33,6 +33,8 @@ from workbench.knee.t2 import fit_t2, region_t2_stats
 
 MESE_TES = tuple(6.312 * (e + 1) for e in range(8))
 METHODS = ("loglinear", "nonlinear")
+#: Hand-placed tibiofemoral cartilage ROI of the MESE series (slice: rows, columns), as in tests/test_t2.py.
+MESE_ROI = {7: (slice(116, 133), slice(103, 108)), 16: (slice(110, 123), slice(102, 110))}
 
 
 def voxels(seed: int = 0) -> list[dict]:
@@ -102,8 +104,8 @@ def mese() -> list[dict]:
     volume = load_volume(mese_dir(fetch=False))
     echoes = np.moveaxis(volume.echoes, -1, 0)
     roi = np.zeros(volume.shape, bool)
-    roi[7, 116:133, 103:108] = True  # see tests/test_t2.py: tibiofemoral cartilage, two slices
-    roi[16, 110:123, 102:110] = True
+    for k, (rows, cols) in MESE_ROI.items():
+        roi[k, rows, cols] = True
     rows = []
     for method in METHODS:
         for skip in (False, True):

@@ -198,13 +198,9 @@ def train_one(model_name: str, args: argparse.Namespace) -> dict:
     cases = evaluation_cases(spec, sources, held, args, cache)
     evaluations = []
     for case_name, meshes, side in cases:
-        fit = fit_nsm(loaded, meshes, side, baseline=True, seed=args.seed)
-        row = {"case": case_name, "side": side, "seconds": round(fit.seconds, 1), "iterations": fit.iterations,
-               "stop": fit.stop_reason,
-               "assd_mm": {k: round(v, 3) for k, v in fit.assd_mm.items()},
-               "assd_mean_shape_mm": {k: round(v, 3) for k, v in (fit.assd_mean_shape_mm or {}).items()}}
+        row = fit_row(loaded, case_name, meshes, side, seed=args.seed)
         log(f"  {case_name} ({side}): ASSD {row['assd_mm']} (mean shape {row['assd_mean_shape_mm']}), "
-            f"{row['seconds']} s, {fit.iterations} iterations ({fit.stop_reason})")
+            f"{row['seconds']} s, {row['iterations']} iterations ({row['stop']})")
         evaluations.append(row)
     summary = summarise(evaluations, spec["surfaces"])
     info = {"model": model_name, "folder": str(folder), "parameters": sum(p.numel() for p in model.decoder.parameters()),
@@ -243,6 +239,15 @@ def evaluation_cases(spec, sources, held, args, cache):
     if held is not None:
         cases.append((f"holdout-{held.name}", list(held.meshes), "right"))
     return cases
+
+
+def fit_row(model, case_name: str, meshes, side: str, *, seed: int = 0) -> dict:
+    """Fit ``model`` to one case with the mean-shape baseline: ASSD per surface, seconds, iterations."""
+    fit = fit_nsm(model, meshes, side, baseline=True, seed=seed)
+    return {"case": case_name, "side": side, "seconds": round(fit.seconds, 1), "iterations": fit.iterations,
+            "stop": fit.stop_reason, "assd_mm": {k: round(v, 3) for k, v in fit.assd_mm.items()},
+            "assd_mean_shape_mm": {k: round(v, 3) for k, v in (fit.assd_mean_shape_mm or {}).items()},
+            "timings_s": {k: round(v, 2) for k, v in fit.timings.items()}}
 
 
 def holdout_rows(folder: Path, model: str | None = None) -> list[dict]:

@@ -205,6 +205,13 @@ def knee_job_config(options: KneeOptions, base: dict[str, Any] | None = None) ->
     return config
 
 
+def nsm_models(nsm_type: str) -> list[str]:
+    """Shape models an ``nsm_type`` option value runs, in order (``bone_only`` first): from :data:`NSM_TYPES`."""
+    if nsm_type not in NSM_TYPES:
+        raise ConfigError(f"Unknown nsm_type {nsm_type!r}; allowed: {', '.join(NSM_TYPES)}")
+    return [name for name, on in zip(("bone_only", "bone_and_cart"), NSM_TYPES[nsm_type]) if on]
+
+
 def nsm_type_from_config(config: dict[str, Any]) -> str:
     """The inverse of the NSM mapping: the two flags back to an ``nsm_type`` value."""
     flags = (bool(config.get("perform_bone_only_nsm")), bool(config.get("perform_bone_and_cart_nsm")))

@@ -19,11 +19,10 @@ Steps:
    thickness statistics.
 5. ``t2`` (optional): T2 map and regional T2 on multi-echo input; skipped with
    the reason otherwise (``t2: on`` makes a single-echo input a recorded failure).
-7. ``results``: ``<case>_results.json`` and ``.csv``.
-
 6. ``nsm_bone_only``, ``nsm_bone_and_cart`` (optional, by ``nsm_type``): shape
    model fits to the femur (and its cartilage) meshes, one process each, so GPU
    memory is released between them.
+7. ``results``: ``<case>_results.json`` and ``.csv``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from workbench.config import KneeOptions, knee_job_config, nsm_type_from_config, parse_options
+from workbench.config import KneeOptions, knee_job_config, nsm_models, nsm_type_from_config, parse_options
 from workbench.errors import WorkbenchError
 from workbench.gpu import resolve_device
 from workbench.knee.steps import case_name
@@ -68,7 +67,7 @@ def run_knee(
     config = knee_job_config(options)
     device = resolve_device(options.device)
     run_dir = Path(run_dir) if run_dir else new_run_dir("knee")
-    models = [options.segmentation_model] + _nsm_models(options.nsm_type)
+    models = [options.segmentation_model] + nsm_models(options.nsm_type)
     progress = progress or Progress(default_sinks(run_dir, interactive))
     timeouts = config["timeouts"]
     case = case_name(options.input)
@@ -134,7 +133,7 @@ def _analyse(run: Run, config: dict[str, Any], case: str, loaded: Any, labels: P
                           method=t2_config.get("method", "nonlinear"), min_r2=float(t2_config.get("min_r2", 0.8)),
                           skip_first_echo=bool(t2_config.get("skip_first_echo", False)))
     nsm_params = []
-    for model_name in _nsm_models(nsm_type_from_config(config)):
+    for model_name in nsm_models(nsm_type_from_config(config)):
         section = config.get("nsm_bone_only" if model_name == "bone_only" else "nsm", {}) or {}
         bscore = config.get("bscore_bone_only" if model_name == "bone_only" else "bscore", {}) or {}
         state = section.get("path_model_config") or section.get("path_model_state")
@@ -165,8 +164,3 @@ def nnunet_overrides(config: dict[str, Any]) -> dict[str, Any]:
         "use_mirroring": bool(nnunet.get("use_mirroring", False)),
         "tile_step_size": float(nnunet.get("tile_step_size", 0.5)),
     }
-
-
-def _nsm_models(nsm_type: str) -> list[str]:
-    return {"none": [], "bone_only": ["bone_only"], "bone_and_cart": ["bone_and_cart"],
-            "both": ["bone_only", "bone_and_cart"]}[nsm_type]

@@ -30,7 +30,8 @@ from typing import Any
 
 import trimesh
 
-from workbench.errors import ConfigError, ModelUnavailable
+from workbench.config import nsm_models
+from workbench.errors import ModelUnavailable
 from workbench.knee.nsm.fit import BScoreModel, NsmFit, Progress, fit_nsm, load_bscore
 from workbench.knee.nsm.model import (
     NsmArchitecture,
@@ -67,15 +68,6 @@ RECON_PARAMS_FILES: dict[str, str] = {
 }
 #: Mesh file prefix of each model (``<prefix>_<surface>.ply``).
 RECON_MESH_PREFIXES: dict[str, str] = {"bone_and_cart": "NSM_recon", "bone_only": "NSM_bone_only_recon"}
-
-
-def nsm_models(nsm_type: str) -> list[str]:
-    """Registered model names an ``nsm_type`` option value runs, in order."""
-    table = {"none": [], "bone_only": ["bone_only"], "bone_and_cart": ["bone_and_cart"],
-             "both": ["bone_only", "bone_and_cart"]}
-    if nsm_type not in table:
-        raise ConfigError(f"Unknown nsm_type {nsm_type!r}; allowed: {', '.join(table)}")
-    return table[nsm_type]
 
 
 #: Input mesh the pipeline fits each surface to (written by the meshes step).
