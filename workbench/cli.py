@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from workbench.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, WorkbenchError, exit_code_for
+from workbench.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    WorkbenchError,
+    exit_code_for,
+)
 
 EPILOG_RUN_KNEE = """examples:
   workbench run knee --input data/knee_dicom/
@@ -22,10 +29,19 @@ EPILOG_RUN_KNEE = """examples:
   workbench run knee --input knee.nii.gz --segmentation my_labels.nii.gz     # analyse a manual segmentation
   workbench run knee --input mese_dicom/ --t2 on                              # T2 required (multi-echo input)
 """
+EPILOG_RUN_RECON = """examples:
+  workbench data sample recon --shape torus --views 64 --res 128 --out data/torus
+  workbench run recon --images data/torus                         # nvdiffrec, cpu preset
+  workbench run recon --images nerf_synthetic/lego --preset paper --device cuda
+  workbench run recon --images my_object/ --set nvdiffrec.iter=3000 --set nvdiffrec.dmtet_grid=48
+input formats: docs/recon-inputs.md; config keys and presets: configs/recon.yaml
+"""
 EPILOG_DATA = """examples:
   workbench data fetch
   workbench data sample knee --out data/sample
   workbench data sample knee --out data/big --preset standard --seed 3 --flip
+  workbench data sample recon --shape torus --views 64 --res 128 --out data/torus
+  workbench data sample recon --mesh spot.obj --views 64 --res 128 --out data/spot
 """
 
 
@@ -98,6 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="set a job-config key (repeatable), e.g. nnunet.use_mirroring=true; see configs/knee.yaml")
     knee.add_argument("--no-report", action="store_true", help="skip building report.html")
 
+    recon = run_sub.add_parser(
+        "recon", help=REGISTRY.pipeline("recon").description, epilog=EPILOG_RUN_RECON,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    recon.add_argument("--images", required=True,
+                       help="NeRF-synthetic folder (transforms_*.json) or images/ + masks/ + cameras.json")
+    recon.add_argument("--out", help="run folder (default: a new folder under outputs/)")
+    recon.add_argument("--model", default="nvdiffrec", choices=REGISTRY.choices("recon", "model"),
+                       help="default: %(default)s")
+    recon.add_argument("--preset", default="cpu", choices=("cpu", "default", "paper"),
+                       help="settings preset from configs/recon.yaml (default: %(default)s)")
+    recon.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    recon.add_argument("--resolution", type=int, help="resize the views' short side to this on load")
+    recon.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
+    recon.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
+                       metavar="STEP=SECONDS", help="limit for one step (repeatable), e.g. nvdiffrec=3600")
+    recon.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="set a job-config key (repeatable), e.g. nvdiffrec.iter=800; see configs/recon.yaml")
+    recon.add_argument("--no-report", action="store_true", help="skip building report.html")
+
     # data -----------------------------------------------------------------------------
     data = sub.add_parser("data", help="sample and synthetic data", epilog=EPILOG_DATA,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,14 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sample = data_sub.add_parser("sample", help="write a synthetic sample case", epilog=EPILOG_DATA,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sample.add_argument("pipeline", choices=["knee"], help="which pipeline's sample")
+    sample.add_argument("pipeline", choices=["knee", "recon"], help="which pipeline's sample")
     sample.add_argument("--out", required=True, help="folder to write the case into")
-    sample.add_argument("--preset", default="small", help="resolution preset (small, standard); default small")
+    sample.add_argument("--preset", default="small", help="knee: resolution preset (small, standard); default small")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--source", default=None, help="source label map (right_knee_example or sag_3d_dess)")
     sample.add_argument("--name", default="knee_sample", help="case name (default knee_sample)")
     sample.add_argument("--flip", action="store_true", help="mirror to a left knee")
     sample.add_argument("--echoes", type=int, default=0, help="write a multi-echo series with this many echoes")
+    sample.add_argument("--shape", default=None,
+                        help="recon: procedural shape (sphere, torus, blob, box); default torus unless --mesh")
+    sample.add_argument("--mesh", default=None, help="recon: a mesh file (OBJ with texture) to render instead")
+    sample.add_argument("--views", type=int, default=64, help="recon: training views (default 64)")
+    sample.add_argument("--test-views", type=int, default=16, help="recon: held-out test views (default 16)")
+    sample.add_argument("--res", type=int, default=128, help="recon: image size in pixels (default 128)")
 
     # models ---------------------------------------------------------------------------
     models = sub.add_parser("models", help="list and verify models",
@@ -187,20 +228,37 @@ def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def recon_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The reconstruction notebook's parameters (plain types) from parsed ``workbench run recon`` arguments."""
+    return {
+        "images": args.images, "model": args.model, "preset": args.preset, "device": args.device,
+        "resolution": args.resolution, "timeout_s": args.timeout_s,
+        "step_timeouts": dict(args.step_timeouts), "overrides": dict(args.overrides),
+    }
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.config import KneeOptions, parse_options
+    from workbench.config import KneeOptions, ReconOptions, parse_options
     from workbench.gpu import resolve_device
     from workbench.notebook import run_job
     from workbench.runner import new_run_dir
 
-    options = knee_parameters(args)
-    validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written
+    if args.pipeline == "recon":
+        options = recon_parameters(args)
+        validated = parse_options(ReconOptions, options)
+        from workbench.config import recon_job_config
+        from workbench.recon.nvdiffrec_config import NvdiffrecConfig
+
+        NvdiffrecConfig.from_dict(recon_job_config(validated)["nvdiffrec"])  # bad --set keys: exit 2 now
+    else:
+        options = knee_parameters(args)
+        validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written
     resolve_device(validated.device)
     run_dir = Path(args.out) if args.out else new_run_dir(args.pipeline)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} is not empty", "Give a new or empty folder, or leave --out out.")
     print(f"run folder: {run_dir.resolve()}", file=sys.stderr)
-    notebook_timeout = (validated.timeout_s or 1800) + 120
+    notebook_timeout = (validated.timeout_s or (1800 if args.pipeline == "knee" else 4 * 3600)) + 120
     result = run_job(args.pipeline, options, run_dir, timeout_s=notebook_timeout, report=not args.no_report)
     if result["status"] == "ok":
         print(f"ok: {len(result['steps'])} steps in {result['seconds']:.1f} s", file=sys.stderr)
@@ -218,6 +276,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.data_command == "fetch":
         print(samples.mskt_data_dir(fetch=True))
+        return EXIT_OK
+    if args.pipeline == "recon":
+        from workbench.data.synthetic_scenes import sample_recon
+
+        if args.shape and args.mesh:
+            raise ConfigError("Give --shape or --mesh, not both")
+        folder = sample_recon(shape=None if args.mesh else (args.shape or "torus"),
+                              mesh=Path(args.mesh) if args.mesh else None, views=args.views, res=args.res,
+                              out=Path(args.out), test_views=args.test_views, seed=args.seed)
+        print(folder)
         return EXIT_OK
     from workbench.data.samples import write_sample
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from workbench.errors import ConfigError
 
@@ -241,4 +248,72 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--set {dotted}={value!r} is not a valid value ({exc})") from exc
         node[parts[-1]] = value
+    return config
+
+
+# --------------------------------------------------------------------------- reconstruction
+ReconModel = Literal["nvdiffrec"]
+ReconPreset = Literal["cpu", "default", "paper"]
+
+
+class ReconOptions(BaseModel):
+    """The user-facing options of a multi-view reconstruction run (CLI flags, notebook parameters, widgets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: str = Field(description="NeRF-synthetic folder, or images/ + masks/ + cameras (docs/recon-inputs.md).")
+    model: ReconModel = Field("nvdiffrec", description="Reconstruction model: nvdiffrec.")
+    preset: ReconPreset = Field("cpu", description="Settings preset from configs/recon.yaml: cpu, default, paper.")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    resolution: int | None = Field(None, gt=0, description="Resize the views' short side to this on load.")
+    timeout_s: float | None = Field(None, gt=0, description="Limit for the whole run (s).")
+    step_timeouts: dict[str, float] = Field(default_factory=dict, description="Per-step limits (s) by step name.")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="Job-config keys to set, dotted: {'nvdiffrec.iter': 800}.")
+
+    _device = field_validator("device")(KneeOptions._device.__func__)
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: str) -> str:
+        if not str(value).strip():
+            raise ValueError("must name a folder of posed images")
+        return str(value)
+
+
+def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Map validated reconstruction options onto (a copy of) ``configs/recon.yaml``.
+
+    The preset named by ``options.preset`` fills the ``nvdiffrec`` section
+    (keys already set there win over the preset), then ``--set`` overrides
+    apply.  ``nvdiffrec.*`` keys may be any field of
+    :class:`workbench.recon.nvdiffrec.NvdiffrecConfig`, set or not in the file.
+    """
+    config = copy.deepcopy(base if base is not None else load_base_config("recon"))
+    for key in ("input", "timeouts", "presets"):
+        if not isinstance(config.get(key), dict):
+            raise ConfigError(f"The recon base config lacks the {key!r} section")
+    presets = config.pop("presets")
+    if options.preset not in presets:
+        raise ConfigError(f"Preset {options.preset!r} is not in configs/recon.yaml",
+                          f"Presets there: {', '.join(presets)}")
+    config["model"] = options.model
+    config["preset"] = options.preset
+    config["nvdiffrec"] = {**presets[options.preset], **(config.get("nvdiffrec") or {})}
+    config["input"]["path"] = options.images
+    if options.resolution is not None:
+        config["input"]["resolution"] = options.resolution
+    config["device"] = options.device
+    if options.timeout_s is not None:
+        config["timeouts"]["run_s"] = options.timeout_s
+    for name, seconds in options.step_timeouts.items():
+        config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+    section_overrides = {k: v for k, v in options.overrides.items() if k.startswith("nvdiffrec.")}
+    for dotted, value in section_overrides.items():  # any NvdiffrecConfig field, present in the file or not
+        config["nvdiffrec"][dotted.split(".", 1)[1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    apply_overrides(config, {k: v for k, v in options.overrides.items() if k not in section_overrides})
+    run_s = config["timeouts"].get("run_s")
+    for key, seconds in config["timeouts"].items():
+        if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
+            config["timeouts"][key] = run_s
     return config

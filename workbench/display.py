@@ -138,3 +138,28 @@ def nsm_html(fits: list) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("model", "surface", "ASSD (mm)", "aligned mean shape ASSD (mm)",
                                               "B-score", "iterations", "seconds", "stop"))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def recon_metrics_html(metrics: dict[str, Any]) -> str:
+    """A reconstruction's quality and effort (``<model>/metrics.json``) as one table."""
+
+    def num(value, digits=3) -> str:
+        return "–" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+    views = metrics.get("test_views") or {}
+    geo = metrics.get("geometry") or {}
+    training = metrics.get("training") or {}
+    passes = training.get("passes") or {}
+    rows = [
+        ("test-view PSNR (dB)", num(views.get("psnr"), 2)), ("test-view SSIM", num(views.get("ssim"))),
+        ("test views", num(views.get("n_views"))),
+        ("Chamfer-L1 (fraction of GT diagonal)", num(geo.get("chamfer_l1_rel"), 4)),
+        ("F-score @ 0.5 %", num(geo.get("fscore_0.5"))), ("F-score @ 1 %", num(geo.get("fscore_1"))),
+        ("normal consistency", num(geo.get("normal_consistency"))),
+        ("genus (ground truth)", f"{num(geo.get('genus'))} ({num(geo.get('gt_genus'))})" if geo else "–"),
+        ("vertices / triangles", f"{num(training.get('vertices'))} / {num(training.get('triangles'))}"),
+        ("watertight", num(training.get("watertight"))),
+    ] + [(f"{name}: iterations, seconds", f"{p.get('iterations')}, {num(p.get('seconds'), 1)}")
+         for name, p in passes.items()]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<p><b>model:</b> {html.escape(str(metrics.get('model', '')))}</p><table><tbody>{body}</tbody></table>"

@@ -208,3 +208,24 @@ def mesh_sections(inputs: dict, reconstructions: dict, title: str | None = None)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def loss_curves(training: dict, title: str | None = None):
+    """Training loss per pass (``training.json`` / ``metrics.json``'s ``training``) on a log scale."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    offset = 0
+    for name, log in (training.get("passes") or {}).items():
+        curve = np.asarray(log.get("loss_curve") or [], dtype=float).reshape(-1, 2)
+        if len(curve):
+            ax.plot(curve[:, 0] + offset, curve[:, 1], label=name)
+        offset += int(log.get("iterations") or 0)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("image loss")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -55,6 +55,13 @@ class NsmModelConfig:
     max_iterations: int = 2000
 
 
+def _nvdiffrec_default_config() -> Any:
+    """nvdiffrec's typed config (:class:`workbench.recon.nvdiffrec_config.NvdiffrecConfig`, torch-free)."""
+    from workbench.recon.nvdiffrec_config import NvdiffrecConfig
+
+    return NvdiffrecConfig()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One registered model.
@@ -183,4 +190,16 @@ REGISTRY.add_model(ModelSpec(
     description="Neural shape model of the femur and its cartilage",
     config=NsmModelConfig(model_folder="nsm_femur_cartilage", surfaces=("femur", "femoral_cartilage")),
     setup="workbench.knee.nsm:setup_nsm",
+))
+
+REGISTRY.add_pipeline(PipelineSpec(
+    name="recon",
+    notebook="reconstruction.ipynb",
+    description="Multi-view 3D reconstruction: posed images with masks → textured mesh, materials, light",
+))
+REGISTRY.add_model(ModelSpec(
+    name="nvdiffrec", pipeline="recon", option="model",
+    description="nvdiffrec (Munkberg et al. 2022): DMTet mesh, PBR materials and environment light from images",
+    config=_nvdiffrec_default_config(),
+    setup="workbench.recon.nvdiffrec:setup_nvdiffrec",
 ))

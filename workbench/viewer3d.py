@@ -25,6 +25,7 @@ class MeshLayer:
         scalars: optional (N,) values coloured by the plot's colour map (None: plain ``colour``).
         colour: 0xRRGGBB for meshes without scalars.
         opacity: 0-1.
+        vertex_colours: optional (N,) 0xRRGGBB per vertex (e.g. a baked base colour), used when no scalars.
     """
 
     name: str
@@ -33,6 +34,7 @@ class MeshLayer:
     scalars: np.ndarray | None = None
     colour: int = 0xBBBBBB
     opacity: float = 1.0
+    vertex_colours: np.ndarray | None = None
 
 
 def mesh_plot(layers: Iterable[MeshLayer], *, colour_range: tuple[float, float] = (0.0, 4.0),
@@ -53,6 +55,8 @@ def mesh_plot(layers: Iterable[MeshLayer], *, colour_range: tuple[float, float] 
         if layer.scalars is not None:
             kwargs.update(attribute=np.asarray(layer.scalars, np.float32), color_map=cmap,
                           color_range=[float(colour_range[0]), float(colour_range[1])])
+        elif layer.vertex_colours is not None:
+            kwargs.update(colors=np.asarray(layer.vertex_colours, np.uint32))
         else:
             kwargs.update(color=int(layer.colour))
         plot += k3d.mesh(**kwargs)
@@ -80,3 +84,13 @@ def nsm_layers(inputs: dict, reconstructions: dict) -> list[MeshLayer]:
     layers += [MeshLayer(f"{n} (shape model)", m.vertices, m.faces, colour=colours[i % 3])
                for i, (n, m) in enumerate(reconstructions.items())]
     return layers
+
+
+def recon_layers(model_folder: str | Path) -> list[MeshLayer]:
+    """The reconstructed mesh (``mesh.ply``) with its baked base colour, for :func:`mesh_plot`."""
+    import trimesh
+
+    mesh = trimesh.load(str(Path(model_folder) / "mesh.ply"), force="mesh", process=False)
+    rgb = np.asarray(mesh.visual.vertex_colors)[:, :3].astype(np.uint32)
+    return [MeshLayer(name=Path(model_folder).name, vertices=np.asarray(mesh.vertices),
+                      faces=np.asarray(mesh.faces), vertex_colours=(rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2])]

@@ -1,0 +1,1 @@
+"""Differentiable rendering for reconstruction: rasteriser, lighting and shading."""
