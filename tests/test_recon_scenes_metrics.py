@@ -14,6 +14,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from workbench.data.synthetic_scenes import (
+    OBJECT_EXTENT,
     SHAPES,
     make_shape,
     procedural_albedo,
@@ -42,7 +43,7 @@ SPOT = Path("/work/shared/data/meshes/spot/spot.obj")
 def test_shapes_are_normalised_closed_and_outward(name):
     mesh = make_shape(name)
     assert mesh.is_watertight
-    assert np.max(mesh.extents) == pytest.approx(1.0)
+    assert np.max(mesh.extents) == pytest.approx(OBJECT_EXTENT)
     assert np.allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-9)
     assert mesh.volume > 0  # counter-clockwise seen from outside
     assert mesh.euler_number == (0 if name == "torus" else 2)
@@ -103,7 +104,7 @@ def test_mesh_without_texture_uses_procedural_albedo(tmp_path):
     trimesh.creation.box(extents=(2.0, 1.0, 1.0)).export(path)
     out = sample_recon(None, path, views=4, res=16, out=tmp_path / "scene", test_views=1)
     gt = trimesh.load(out / "gt_mesh.ply")
-    assert np.max(gt.extents) == pytest.approx(1.0)
+    assert np.max(gt.extents) == pytest.approx(OBJECT_EXTENT)
     assert json.loads((out / "scene.json").read_text())["albedo"]["kind"] == "procedural"
 
 
@@ -122,7 +123,7 @@ def test_textured_mesh_spot(tmp_path):
 def test_render_scene_accepts_trimesh(tmp_path):
     out = render_scene(trimesh.creation.icosphere(2, radius=3.0), views=4, res=16, out=tmp_path / "s", test_views=0)
     assert len(json.loads((out / "transforms_test.json").read_text())["frames"]) == 0
-    assert np.max(trimesh.load(out / "gt_mesh.ply").extents) == pytest.approx(1.0)
+    assert np.max(trimesh.load(out / "gt_mesh.ply").extents) == pytest.approx(OBJECT_EXTENT)
 
 
 # --------------------------------------------------------------------------- geometry metrics

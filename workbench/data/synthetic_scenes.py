@@ -49,10 +49,13 @@ ALBEDO_PHASES = (0.3, 2.1, 4.0)
 
 
 # --------------------------------------------------------------------------- shapes
+#: Largest extent of a scene's object (scene units), about that of NeRF-synthetic's objects, so that
+#: upstream's DMTet box (``mesh_scale`` 2.1, centred at the origin) holds it with a margin.
+OBJECT_EXTENT = 1.6
 
 
 def make_shape(name: str) -> trimesh.Trimesh:
-    """A procedural closed mesh, centred at the origin with max extent 1.0.
+    """A procedural closed mesh, centred at the origin with max extent :data:`OBJECT_EXTENT`.
 
     Args:
         name: ``"sphere"``, ``"torus"`` (genus 1), ``"blob"`` (smooth bumpy sphere)
@@ -85,10 +88,10 @@ def make_shape(name: str) -> trimesh.Trimesh:
 
 
 def normalise_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """A copy of ``mesh`` with its bounding box centred at the origin and max extent 1.0 (visuals kept)."""
+    """A copy of ``mesh`` with its bounding box centred at the origin and max extent :data:`OBJECT_EXTENT`."""
     mesh = mesh.copy()
     lo, hi = mesh.bounds
-    scale = 1.0 / float(np.max(hi - lo))
+    scale = OBJECT_EXTENT / float(np.max(hi - lo))
     transform = np.eye(4)
     transform[:3, :3] *= scale
     transform[:3, 3] = -0.5 * (lo + hi) * scale
@@ -266,7 +269,7 @@ def render_scene(
     """Render ``mesh`` into a NeRF-synthetic folder (see the module docstring).
 
     Args:
-        mesh: the object; normalised here (bbox centred at the origin, max extent 1.0).
+        mesh: the object; normalised here (bbox centred at the origin, max extent OBJECT_EXTENT).
             A mesh with per-vertex UVs and a texture image is shaded with its texture,
             any other with :func:`procedural_albedo`.
         views: number of training views (Fibonacci sphere).
@@ -341,7 +344,7 @@ def render_scene(
             }
         ),
         "gt_mesh": {"file": "gt_mesh.ply", "vertices": int(len(gt.vertices)), "faces": int(len(gt.faces))},
-        "conventions": "OpenGL c2w (camera looks down -Z, +Y up); sRGB RGBA images; object extent 1.0 at the origin",
+        "conventions": "OpenGL c2w (camera looks down -Z, +Y up); sRGB RGBA images; object extent 1.6 at the origin",
     }
     (out / "scene.json").write_text(json.dumps(scene, indent=2))
     return out

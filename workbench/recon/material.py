@@ -84,16 +84,17 @@ class HashGridEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode points ``x`` [N, 3] in [0, 1]³ → [N, levels · features]."""
         x = x.clamp(0.0, 1.0)
-        encoded = []
+        rows, weights = [], []
         for level, res in enumerate(self.resolutions):
             scaled = x * res
             base = torch.floor(scaled).long().clamp(max=res - 1)
             frac = scaled - base
-            cell = base[:, None, :] + self.corners[None]  # [N, 8, 3]
-            feats = self.table[self._index(cell, level)]  # [N, 8, F]
-            w = torch.where(self.corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
-            encoded.append((feats * w[..., None]).sum(1))
-        return torch.cat(encoded, dim=-1)
+            rows.append(self._index(base[:, None, :] + self.corners[None], level))  # [N, 8]
+            weights.append(torch.where(self.corners[None].bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1))
+        # One gather for all levels: its backward is one scatter into the table, not one per level
+        feats = self.table[torch.stack(rows, dim=1)]  # [N, L, 8, F]
+        encoded = (feats * torch.stack(weights, dim=1)[..., None]).sum(2)  # [N, L, F]
+        return encoded.reshape(len(x), -1)
 
 
 class MaterialMLP(nn.Module):

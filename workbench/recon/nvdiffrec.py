@@ -228,6 +228,9 @@ class Nvdiffrec:
         edges = dmtet.tet_edges(tets)
         if cfg.sdf_init == "sphere":
             initial = 0.3 * cfg.mesh_scale - grid_verts.norm(dim=-1)
+        elif cfg.sdf_init == "visual_hull":
+            initial = visual_hull_sdf(grid_verts, cfg.dmtet_grid, cfg.mesh_scale, views["images"][..., 3],
+                                      views["mvp"])
         else:
             initial = (torch.rand(len(grid_verts), generator=gen) - 0.1).to(self.device)
         sdf = torch.nn.Parameter(initial.clone())
@@ -286,9 +289,16 @@ class Nvdiffrec:
             self._check_loss(total, "pass 1 (DMTet)", it)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if cfg.sdf_sparse_update:
+                frozen = (sdf.grad == 0) & (deform.grad == 0).all(-1)
+                before = (sdf.detach().clone(), deform.detach().clone())
             optimizer.step()
+            if cfg.sdf_sparse_update:
+                _restore(optimizer, (sdf, deform), before, frozen)
             scheduler.step()
             light.clamp_(min=0.0)
+            if cfg.fill_cavities and (it % cfg.fill_every == 0 or it == cfg.iter - 1):
+                fill_cavities_(sdf, edges, boundary)
             log.iterations = it + 1
             if it % max(1, cfg.iter // 50) == 0 or it == cfg.iter - 1:
                 log.loss_curve.append((it, float(loss.detach())))
@@ -436,6 +446,77 @@ class Nvdiffrec:
             "euler_characteristic": int(meshes.euler_characteristic(verts_np, faces_np)),
             "device": str(self.device),
         }
+
+
+def visual_hull_sdf(grid_verts: torch.Tensor, resolution: int, scale: float, alpha: torch.Tensor,
+                    mvp: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """A signed distance (inside > 0) to the visual hull of the masks, on the tet grid's vertices.
+
+    A grid point is inside the hull when every view that sees it shows it inside the mask.  The distance
+    to the hull's boundary comes from a Euclidean distance transform of the vertex lattice.
+
+    Args:
+        grid_verts: [(R+1)³, 3] lattice vertices in :func:`~workbench.recon.dmtet.tet_grid`'s order.
+        resolution: R; scale: the grid's edge length.
+        alpha: [N, H, W] masks; mvp: [N, 4, 4] clip-from-world matrices.
+    """
+    from scipy import ndimage
+
+    height, width = alpha.shape[1:]
+    inside = torch.ones(len(grid_verts), dtype=torch.bool, device=grid_verts.device)
+    verts_h = torch.cat([grid_verts, torch.ones_like(grid_verts[:, :1])], dim=-1)
+    for view in range(len(mvp)):
+        clip = verts_h @ mvp[view].T
+        w = clip[:, 3]
+        col = ((clip[:, 0] / w + 1) * 0.5 * width).floor().long()
+        row = ((clip[:, 1] / w + 1) * 0.5 * height).floor().long()
+        seen = (w > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+        in_mask = torch.zeros_like(inside)
+        in_mask[seen] = alpha[view, row[seen], col[seen]] > threshold
+        inside &= in_mask | ~seen
+    n = resolution + 1
+    occupied = inside.reshape(n, n, n).cpu().numpy()
+    cell = scale / resolution
+    distance = np.where(occupied, ndimage.distance_transform_edt(occupied),
+                        -ndimage.distance_transform_edt(~occupied)) * cell
+    # the hull's boundary lies between lattice points: shift so that it sits halfway
+    distance = distance - np.sign(distance) * 0.5 * cell
+    return torch.from_numpy(distance.reshape(-1).astype(np.float32)).to(grid_verts.device)
+
+
+def fill_cavities_(sdf: torch.Tensor, edges: torch.Tensor, boundary: torch.Tensor) -> int:
+    """Set inside (positive) the outside grid values that no path of outside values links to the boundary.
+
+    The object is seen from outside only, so such pockets are never in a view; left alone they become
+    interior shells and handles.  Returns how many values were flipped.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    with torch.no_grad():
+        outside = (sdf <= 0).cpu().numpy()
+        e = edges.cpu().numpy()
+        keep = outside[e[:, 0]] & outside[e[:, 1]]
+        n = len(outside)
+        graph = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (e[keep, 0], e[keep, 1])), shape=(n, n))
+        _, label = connected_components(graph, directed=False)
+        reached = np.unique(label[boundary.cpu().numpy() & outside])
+        pocket = outside & ~np.isin(label, reached)
+        if pocket.any():
+            idx = torch.from_numpy(np.nonzero(pocket)[0]).to(sdf.device)
+            sdf[idx] = sdf[idx].abs().clamp(min=1e-3)
+        return int(pocket.sum())
+
+
+def _restore(optimizer: torch.optim.Optimizer, params, before, frozen: torch.Tensor) -> None:
+    """Undo the step of grid values that had no gradient and clear their Adam momentum (sparse updates)."""
+    with torch.no_grad():
+        for param, old in zip(params, before):
+            param[frozen] = old[frozen]
+            state = optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][frozen] = 0
 
 
 # --------------------------------------------------------------------------- output

@@ -20,8 +20,15 @@ class NvdiffrecConfig:
         texture_res: texture resolution [height, width] of pass 2 and the export.
         dmtet_grid: tetrahedral grid resolution (cubes per side, 6 tets each).
         mesh_scale: edge length of the grid's cube, centred at the origin (scene units); the object must fit inside.
-        sdf_init: ``random`` (upstream: uniform − 0.1, a surface everywhere) or ``sphere`` (a ball of radius
-            0.3 · mesh_scale: far fewer triangles in the first iterations, which matters on a CPU).
+        sdf_sparse_update: move only the grid values that received a gradient this iteration (and reset the
+            others' Adam momentum). Upstream moves every value by its momentum; off the surface that drift flips
+            signs and breeds interior handles and floaters.
+        fill_cavities: every ``fill_every`` iterations of pass 1, grid values outside the surface but cut off from
+            the grid's boundary (cavities no camera outside the object can see) are set inside.
+        fill_every: iterations between cavity fills.
+        sdf_init: ``random`` (upstream: uniform − 0.1, a surface everywhere), ``sphere`` (a ball of radius
+            0.3 · mesh_scale) or ``visual_hull`` (the grid points inside every view's mask, as a signed distance):
+            the last two start with far fewer triangles, which matters on a CPU, and the hull is already close.
         learning_rate: one rate for everything, or [geometry, material and light].
         lr_decay: learning-rate factor reached at the last iteration (upstream: 10^(-0.0002·iter) = 0.1 at 5000).
         sdf_regularizer: weight of the SDF sign regulariser at the start (decays to 0.01 over the first 25 %).
@@ -53,6 +60,9 @@ class NvdiffrecConfig:
     dmtet_grid: int = 64
     mesh_scale: float = 2.1
     sdf_init: str = "random"
+    sdf_sparse_update: bool = False
+    fill_cavities: bool = False
+    fill_every: int = 20
     learning_rate: float | tuple[float, float] = 0.01
     lr_decay: float = 0.1
     sdf_regularizer: float = 0.2
@@ -111,7 +121,7 @@ class NvdiffrecConfig:
             (4 <= self.dmtet_grid <= 256, "dmtet_grid must be in 4..256"),
             (self.mesh_scale > 0, "mesh_scale must be positive"),
             (self.loss in ("logl1", "l1", "mse"), "loss must be logl1, l1 or mse"),
-            (self.sdf_init in ("random", "sphere"), "sdf_init must be random or sphere"),
+            (self.sdf_init in ("random", "sphere", "visual_hull"), "sdf_init must be random, sphere or visual_hull"),
             (self.background in ("random", "white", "black", "checker"),
              "background must be random, white, black or checker"),
             (self.laplace in ("relative", "absolute"), "laplace must be relative or absolute"),

@@ -330,13 +330,16 @@ def _filter_matrix(res_out: int, res_in: int, alpha: float | None, cutoff: float
         (n_out.shape[0], d_in.shape[0]),
         check_invariants=False,
     ).coalesce()
+    if mat._nnz() > 0.05 * mat.shape[0] * mat.shape[1]:  # wide lobes (diffuse): a dense product is far faster
+        mat = mat.to_dense()
     _FILTER_CACHE[key] = mat
     return mat
 
 
 def _apply_filter(mat: Tensor, cube: Tensor, res_out: int) -> Tensor:
     """Apply a filter matrix from :func:`_filter_matrix` to a cube [6, R_in, R_in, C]."""
-    out = torch.sparse.mm(mat, cube.reshape(-1, cube.shape[-1]))
+    flat = cube.reshape(-1, cube.shape[-1])
+    out = torch.sparse.mm(mat, flat) if mat.is_sparse else mat @ flat
     return out.reshape(6, res_out, res_out, cube.shape[-1])
 
 

@@ -22,10 +22,18 @@ Clipping: triangles with any vertex at ``w <= 0`` (at or behind the camera
 plane) are culled rather than clipped, and pixels whose depth ``z/w`` falls
 outside ``[-1, 1]`` are rejected (the near and far planes).  Both windings are
 rasterised (no back-face culling), like nvdiffrast.
+
+Speed (CPU): the search scans tall triangles in conservative row spans and
+skips back-face pixels that provably lose the depth test (both exact: the
+result equals testing every bounding-box pixel); the edge topology used by
+:func:`antialias` is cached per ``tris`` tensor; the differentiable parts
+touch only covered pixels (or silhouette pixel pairs) and use
+``index_select`` / ``unbind`` so that backward stays sparse.
 """
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -34,6 +42,7 @@ import torch.nn.functional as F
 _W_EPS = 1e-8  # vertices with w below this are treated as behind the camera
 _PAIR_BUDGET = 1 << 20  # candidate (triangle, pixel) pairs per chunk of the search
 _INT64_MAX = torch.iinfo(torch.int64).max
+_SPAN_MIN_ROWS = 3  # triangles spanning at least this many pixel rows are scanned in row spans
 
 
 # --------------------------------------------------------------------------- helpers
@@ -60,9 +69,14 @@ def _sortable_float(x: torch.Tensor) -> torch.Tensor:
 
 def _expand_ranges(counts: torch.Tensor):
     """For ``counts = [2, 0, 3]`` return owner ``[0, 0, 2, 2, 2]`` and local index ``[0, 1, 0, 1, 2]``."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    local = torch.arange(owner.numel(), device=counts.device) - starts[owner]
+    if counts.numel() == 0:
+        return counts.new_zeros(0), counts.new_zeros(0)
+    ends = torch.cumsum(counts, 0)
+    total = int(ends[-1])
+    # owner = number of ranges ending at or before each item (faster than repeat_interleave on CPU)
+    marks = counts.new_zeros(total + 1).index_add_(0, ends, torch.ones_like(ends))
+    owner = marks[:total].cumsum(0)
+    local = torch.arange(total, device=counts.device) - (ends - counts).index_select(0, owner)
     return owner, local
 
 
@@ -86,55 +100,191 @@ def _chunks(counts: torch.Tensor, budget: int):
 def _visible_triangles(pos_clip: torch.Tensor, tris: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Index of the nearest triangle covering each pixel centre, ``[B, H, W]`` int64, -1 for background.
 
-    Enumerates (triangle, pixel) pairs inside each triangle's screen bounding box,
-    keeps pairs whose pixel centre is inside the triangle (edge functions, a
-    centre exactly on an edge counts as inside so shared edges leave no holes)
-    and keeps, per pixel, the smallest ``(depth, triangle index)`` key.
+    Candidate (triangle, pixel) pairs come from each triangle's screen bounding
+    box (see :func:`_candidates`).  Each pair is tested exactly with edge
+    functions (a centre exactly on an edge counts as inside so shared edges leave
+    no holes), and per pixel the smallest ``(depth, triangle index)`` key is
+    kept.  Front faces go first and back-face pairs that provably lose the depth
+    test are skipped; like the row spans this only saves work: the result is the
+    same as testing every pixel of every bounding box.
     """
     batch, n_faces = pos_clip.shape[0], tris.shape[0]
+    device = pos_clip.device
     sx, sy, sz, w = _to_screen(pos_clip, height, width)
-    # per-triangle screen vertices [B*F, 3]
-    tx, ty, tz = (a[:, tris].reshape(-1, 3) for a in (sx, sy, sz))
-    ok = (w[:, tris].reshape(-1, 3) > _W_EPS).all(1)
-    area = (tx[:, 1] - tx[:, 0]) * (ty[:, 2] - ty[:, 0]) - (tx[:, 2] - tx[:, 0]) * (ty[:, 1] - ty[:, 0])
-    ok &= area != 0
-    # clamp before ceil/floor so huge coordinates (w close to 0) cannot overflow the integer cast
-    x0 = tx.min(1).values.clamp(-1, width).ceil().long().clamp(min=0)
-    x1 = tx.max(1).values.clamp(-1, width).floor().long().clamp(max=width - 1)
-    y0 = ty.min(1).values.clamp(-1, height).ceil().long().clamp(min=0)
-    y1 = ty.max(1).values.clamp(-1, height).floor().long().clamp(max=height - 1)
+    # per-triangle screen data, corner-major [3, B*F] per quantity; triangle t = b * F + f
+    offsets = torch.arange(batch, device=device) * pos_clip.shape[1]
+    corner = (tris.T.contiguous()[:, None, :] + offsets[None, :, None]).reshape(-1)
+    tx, ty, tz = (a.reshape(-1).index_select(0, corner).view(3, -1) for a in (sx, sy, sz))
+    area = (tx[1] - tx[0]) * (ty[2] - ty[0]) - (tx[2] - tx[0]) * (ty[1] - ty[0])
+    ok = area != 0
+    if not bool((w > _W_EPS).all()):  # some vertex at or behind the camera plane
+        ok &= (w.reshape(-1).index_select(0, corner).view(3, -1) > _W_EPS).all(0)
+    x_min, x_max = torch.minimum(torch.minimum(tx[0], tx[1]), tx[2]), torch.maximum(torch.maximum(tx[0], tx[1]), tx[2])
+    y_min, y_max = torch.minimum(torch.minimum(ty[0], ty[1]), ty[2]), torch.maximum(torch.maximum(ty[0], ty[1]), ty[2])
+    # pixel-centre bounding box (clamping first keeps huge coordinates, w close to 0, out of the integer cast)
+    x0 = x_min.clamp(0, width).ceil().long()
+    x1 = x_max.clamp(-1, width - 1).floor().long()
+    y0 = y_min.clamp(0, height).ceil().long()
+    y1 = y_max.clamp(-1, height - 1).floor().long()
     box_w = (x1 - x0 + 1).clamp(min=0)
-    counts = torch.where(ok, box_w * (y1 - y0 + 1).clamp(min=0), torch.zeros_like(box_w))
+    rows = torch.where(ok & (box_w > 0), (y1 - y0 + 1).clamp(min=0), 0)
 
-    keys = torch.full((batch * height * width,), _INT64_MAX, dtype=torch.int64, device=pos_clip.device)
-    live = counts.nonzero().squeeze(1)  # triangles with at least one candidate pixel
-    counts_live = counts[live]
-    # pack per-triangle data so each pair needs two gathers: floats (x, y, z of 3 vertices, area), ints (box);
-    # stored row-wise ([10, T]) so every gathered quantity is a contiguous row
-    tri_float = torch.cat([tx, ty, tz, area[:, None]], 1)[live].T.contiguous()
-    tri_int = torch.stack([x0[live], y0[live], box_w[live], live % n_faces, live // n_faces], 0)
-    for start, stop in _chunks(counts_live, _PAIR_BUDGET):
-        owner, local = _expand_ranges(counts_live[start:stop])
-        owner += start
-        ti, tf = tri_int.index_select(1, owner), tri_float.index_select(1, owner)
-        px = ti[0] + local % ti[2]
-        py = ti[1] + local // ti[2]
-        vx = tf[0:3] - px.to(tf.dtype)  # vertices relative to the pixel centre
-        vy = tf[3:6] - py.to(tf.dtype)
-        # e_k: twice the signed area of the sub-triangle opposite vertex k (its barycentric times area)
-        e0 = vx[1] * vy[2] - vx[2] * vy[1]
-        e1 = vx[2] * vy[0] - vx[0] * vy[2]
-        e2 = vx[0] * vy[1] - vx[1] * vy[0]
-        sign = torch.sign(tf[9])
-        z = (e0 * tf[6] + e1 * tf[7] + e2 * tf[8]) / tf[9]
-        inside = (e0 * sign >= 0) & (e1 * sign >= 0) & (e2 * sign >= 0) & (z >= -1) & (z <= 1)
-        keep = inside.nonzero().squeeze(1)
-        ti, px, py, z = ti.index_select(1, keep), px.index_select(0, keep), py.index_select(0, keep), z[keep]
-        pixel = (ti[4] * height + py) * width + px
-        key = (_sortable_float(z) << 32) | ti[3]  # nearest first, then lowest triangle index
-        keys.scatter_reduce_(0, pixel, key, reduce="amin")
-    face = torch.where(keys == _INT64_MAX, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
+    keys = torch.full((batch * height * width,), _INT64_MAX, dtype=torch.int64, device=device)
+    live = rows > 0  # triangles with at least one candidate pixel
+    if bool(live.any()):
+        extent = (x_max - x_min) * (y_max - y_min)
+        # A pixel's depth is a convex combination of the corners' up to float32 rounding, bounded
+        # relative to extent / |area| (slivers); a candidate whose pixel already holds a key nearer
+        # than this lower bound cannot win and is skipped in the second pass.
+        z_abs = torch.maximum(torch.maximum(tz[0].abs(), tz[1].abs()), tz[2].abs())
+        z_low = torch.minimum(torch.minimum(tz[0], tz[1]), tz[2]) - (1e-7 + 1e-5 * z_abs * (1 + extent / area.abs()))
+        index = torch.arange(batch * n_faces, device=device)
+        tri = {  # indexed by t = b * F + f
+            "x": tx.unbind(0), "y": ty.unbind(0), "z": tz.unbind(0), "area": area, "sign": torch.sign(area),
+            "extent": extent, "z_low": _sortable_float(torch.nan_to_num(z_low, nan=-float("inf"))),
+            "face": index % n_faces, "row0": index // n_faces * height,  # batch * H
+            "x0": x0, "x1": x1, "y0": y0, "rows": rows, "box_w": box_w,
+        }
+        # Front faces (negative screen area for counter-clockwise outward triangles: y points down)
+        # first, so that most back faces of a closed mesh are skipped by the depth bound.  Any winding
+        # gives the same result; only the amount of skipped work changes.
+        front = area < 0
+        passes = ((False, (live & front).nonzero().squeeze(1)), (True, (live & ~front).nonzero().squeeze(1)))
+        for cull, subset in passes:
+            for owner, px, py in _candidates(tri, subset):
+                _test_pixels(keys, tri, owner, px, py, height, width, cull)
+    face = torch.where(keys == _INT64_MAX, -1, keys & 0xFFFFFFFF)
     return face.view(batch, height, width)
+
+
+def _candidates(tri: dict, subset: torch.Tensor):
+    """Yield chunks ``(owner, px, py)`` of candidate (live triangle, pixel) pairs for the triangles ``subset``.
+
+    Triangles spanning fewer than ``_SPAN_MIN_ROWS`` rows give every pixel of
+    their bounding box; taller ones only a conservative span per row (see
+    :func:`_row_spans`), which leaves out most of the box's empty corners.
+    """
+    if subset.numel() == 0:
+        return
+    rows = tri["rows"].index_select(0, subset)
+    tall = rows >= _SPAN_MIN_ROWS
+    small = subset.index_select(0, (~tall).nonzero().squeeze(1))
+    if small.numel() > 0:  # every pixel of the (small) bounding box
+        box_w = tri["box_w"].index_select(0, small)
+        counts = tri["rows"].index_select(0, small) * box_w
+        x0, y0 = tri["x0"].index_select(0, small), tri["y0"].index_select(0, small)
+        for start, stop in _chunks(counts, _PAIR_BUDGET):
+            owner, local = _expand_ranges(counts[start:stop])
+            owner += start
+            bw = box_w.index_select(0, owner)
+            row = local // bw
+            px = x0.index_select(0, owner) + (local - row * bw)
+            py = y0.index_select(0, owner) + row
+            yield small.index_select(0, owner), px, py
+    big = subset.index_select(0, tall.nonzero().squeeze(1))
+    if big.numel() > 0:  # a conservative span in every row
+        rows_b = tri["rows"].index_select(0, big)
+        edges = _span_edges(tri, big)
+        for t_start, t_stop in _chunks(rows_b, _PAIR_BUDGET):
+            r_owner, local = _expand_ranges(rows_b[t_start:t_stop])
+            r_owner += t_start
+            r_tri = big.index_select(0, r_owner)  # live triangle of each row
+            row_y = tri["y0"].index_select(0, r_tri) + local
+            lo, hi = _row_spans(edges, r_owner, row_y, tri["x0"].index_select(0, r_tri),
+                                tri["x1"].index_select(0, r_tri))
+            counts = (hi - lo + 1).clamp(min=0)
+            for start, stop in _chunks(counts, _PAIR_BUDGET):
+                owner, px = _expand_ranges(counts[start:stop])
+                owner += start
+                px += lo.index_select(0, owner)
+                yield r_tri.index_select(0, owner), px, row_y.index_select(0, owner)
+
+
+def _test_pixels(keys: torch.Tensor, tri: dict, owner: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
+                 height: int, width: int, cull: bool) -> None:
+    """Exact coverage and depth test of (triangle ``owner``, pixel ``(px, py)``) pairs; updates ``keys`` in place.
+
+    ``keys[pixel]`` keeps the minimum of ``(sortable depth << 32) | triangle index``
+    over the pairs whose pixel centre is inside the triangle and whose depth is
+    within ``[-1, 1]``.  With ``cull``, pairs whose pixel already holds a key
+    nearer than the triangle's depth lower bound are dropped first (they cannot
+    change the minimum).
+    """
+    pixel = (tri["row0"].index_select(0, owner) + py) * width + px
+    if cull:
+        keep = ((keys.index_select(0, pixel) >> 32) >= tri["z_low"].index_select(0, owner)).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return
+        owner, px, py, pixel = (a.index_select(0, keep) for a in (owner, px, py, pixel))
+    tx = [a.index_select(0, owner) for a in tri["x"]]
+    ty = [a.index_select(0, owner) for a in tri["y"]]
+    fx, fy = px.to(tx[0].dtype), py.to(tx[0].dtype)
+    vx = [a - fx for a in tx]  # vertices relative to the pixel centre
+    vy = [a - fy for a in ty]
+    # e_k: twice the signed area of the sub-triangle opposite vertex k (its barycentric times area)
+    e0 = vx[1] * vy[2] - vx[2] * vy[1]
+    e1 = vx[2] * vy[0] - vx[0] * vy[2]
+    e2 = vx[0] * vy[1] - vx[1] * vy[0]
+    tz = [a.index_select(0, owner) for a in tri["z"]]
+    z = (e0 * tz[0] + e1 * tz[1] + e2 * tz[2]) / tri["area"].index_select(0, owner)
+    sign = tri["sign"].index_select(0, owner)
+    inside = (e0 * sign >= 0) & (e1 * sign >= 0) & (e2 * sign >= 0) & (z >= -1) & (z <= 1)
+    key = (_sortable_float(z) << 32) | tri["face"].index_select(0, owner)  # nearest first, then lowest index
+    keys.scatter_reduce_(0, pixel, torch.where(inside, key, _INT64_MAX), reduce="amin")
+
+
+def _span_edges(tri: dict, big: torch.Tensor):
+    """Per-triangle data for :func:`_row_spans`, for the live triangles ``big`` (see there)."""
+    xs = [a.index_select(0, big) for a in tri["x"]]
+    ys = [a.index_select(0, big) for a in tri["y"]]
+    extent = tri["extent"].index_select(0, big)
+    # the long edge joins the top and bottom corners; the corner opposite it is the middle one
+    dys = [(ys[(k + 2) % 3] - ys[(k + 1) % 3]).abs() for k in range(3)]
+    mid = torch.where(dys[0] >= dys[1], torch.where(dys[0] >= dys[2], 0, 2), torch.where(dys[1] >= dys[2], 1, 2))
+    x_all, y_all = torch.stack(xs), torch.stack(ys)
+    order = torch.stack([mid, (mid + 1) % 3, (mid + 2) % 3])  # middle corner, then the two ends of the long edge
+    xm, xe0, xe1 = x_all.gather(0, order).unbind(0)
+    ym, ye0, ye1 = y_all.gather(0, order).unbind(0)
+    low_first = ye0 <= ye1  # which end of the long edge is the top one
+
+    def edge(xa, ya, xb, yb):  # reference point, slope dx/dy and the slack that does not depend on the row
+        dy = yb - ya
+        return xa, ya, (xb - xa) / dy, 1e-3 + 4e-6 * (extent / dy.abs() + xa.abs())
+
+    x_top, y_top = torch.where(low_first, xe0, xe1), torch.where(low_first, ye0, ye1)
+    x_bot, y_bot = torch.where(low_first, xe1, xe0), torch.where(low_first, ye1, ye0)
+    long = edge(x_top, y_top, x_bot, y_bot)
+    upper_part = edge(x_top, y_top, xm, ym)  # rows up to the middle corner
+    lower_part = edge(xm, ym, x_bot, y_bot)  # rows below it
+    return torch.stack([*long, *upper_part, *lower_part, ym])  # [13, T]
+
+
+def _row_spans(edges: torch.Tensor, owner: torch.Tensor, row_y: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor):
+    """Conservative column range ``[lo, hi]`` (int64) of triangle ``owner``'s pixels in pixel row ``row_y``.
+
+    A row crosses the triangle between the long edge (top to bottom corner) and
+    one of the two short edges (the one above or below the middle corner).  The
+    span between the two intercepts is widened by the worst-case float32
+    rounding of both the intercepts and the exact edge-function test of
+    :func:`_test_pixels` (whose error in ``x`` stays below
+    ``~8 eps * extent_x * extent_y / |dy|`` for an edge rising ``dy``), so no
+    pixel that the exact test accepts is ever left out; a near-horizontal edge
+    simply gets a huge slack.  ``edges`` comes from :func:`_span_edges`;
+    ``x0``, ``x1`` are the bounding box's columns.
+    """
+    e = [a.index_select(0, owner) for a in edges]
+    fy = row_y.to(e[0].dtype)
+    upper = fy <= e[12]
+    xs, ys, ss, cs = (torch.where(upper, e[4 + i], e[8 + i]) for i in range(4))
+    t_long = (fy - e[1]) * e[2]
+    t_short = (fy - ys) * ss
+    x_long, x_short = e[0] + t_long, xs + t_short
+    slack = e[3] + cs + 1.2e-5 * (t_long.abs() + t_short.abs())
+    lo, hi = torch.minimum(x_long, x_short) - slack, torch.maximum(x_long, x_short) + slack
+    # NaN (0/0 slopes) means no usable bound; clamp before the integer cast, then the box limits apply
+    lo = torch.nan_to_num(lo, nan=-1.0).clamp(-1.0, float(1 << 30)).ceil().long()
+    hi = torch.nan_to_num(hi, nan=float(1 << 30)).clamp(-1.0, float(1 << 30)).floor().long()
+    return torch.maximum(lo, x0), torch.minimum(hi, x1)
 
 
 def _clip_barycentrics(verts: torch.Tensor, ndc_x: torch.Tensor, ndc_y: torch.Tensor):
@@ -146,7 +296,9 @@ def _clip_barycentrics(verts: torch.Tensor, ndc_x: torch.Tensor, ndc_y: torch.Te
     ``b_0 ∝ p·(r_1×r_2)``, ``b_1 ∝ p·(r_2×r_0)``, ``b_2 ∝ p·(r_0×r_1)``.
     Returns ``(u, v, depth z/w)``, differentiable w.r.t. ``verts``.
     """
-    x, y, z, w = verts
+    # unbind, not indexing: backward is one stack instead of a zero-filled [4, 3, N] copy per use
+    rows = verts.reshape(12, -1).unbind(0)
+    x, y, z, w = rows[0:3], rows[3:6], rows[6:9], rows[9:12]
 
     def weight(i: int, j: int) -> torch.Tensor:  # p · (r_i × r_j)
         return (ndc_x * (y[i] * w[j] - w[i] * y[j]) + ndc_y * (w[i] * x[j] - x[i] * w[j])
@@ -184,7 +336,7 @@ def rasterize(pos_clip: torch.Tensor, tris: torch.Tensor, resolution: tuple[int,
 
     flat = face.reshape(-1)
     idx = (flat >= 0).nonzero().squeeze(1)
-    f = flat[idx]
+    f = flat.index_select(0, idx)
     b = idx // (height * width)
     pix = idx % (height * width)
     ndc_x = (2 * (pix % width) + 1).to(pos_clip.dtype) / width - 1
@@ -194,9 +346,16 @@ def rasterize(pos_clip: torch.Tensor, tris: torch.Tensor, resolution: tuple[int,
     # index_select (not fancy indexing): its backward is a fast index_add
     verts = pos_clip.reshape(-1, 4).T.index_select(1, corner_index).view(4, 3, -1)
     u, v, z = _clip_barycentrics(verts, ndc_x, ndc_y)
-    values = torch.stack([u, v, z, (f + 1).to(pos_clip.dtype)])  # [4, N]
-    out = pos_clip.new_zeros(4, batch * height * width).index_copy(1, idx, values)
-    return out.T.reshape(batch, height, width, 4)
+    values = torch.stack([u, v, z, (f + 1).to(pos_clip.dtype)], 1)  # [N, 4]
+    out = pos_clip.new_zeros(batch * height * width, 4).index_copy(0, idx, values)
+    return out.view(batch, height, width, 4)
+
+
+def _covered(rast: torch.Tensor):
+    """Flat indices ``[N]`` of the covered pixels of ``rast`` and their triangle indices ``[N]``."""
+    flat = rast.detach().reshape(-1, 4)
+    idx = (flat[:, 3] > 0.5).nonzero().squeeze(1)  # same as round(id + 1) - 1 >= 0
+    return idx, flat[:, 3].index_select(0, idx).round().long() - 1
 
 
 # --------------------------------------------------------------------------- interpolate
@@ -217,19 +376,17 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tris: torch.Tensor) -> t
     attr = _batched(attr)
     batch, height, width, _ = rast.shape
     tris = tris.to(device=rast.device, dtype=torch.long)
-    face = rast[..., 3].detach().reshape(-1).round().long() - 1
-    idx = (face >= 0).nonzero().squeeze(1)
+    idx, face = _covered(rast)
     b = idx // (height * width) if attr.shape[0] > 1 else torch.zeros_like(idx)
     channels = attr.shape[-1]
     # channel-first, corner-major gathers keep the arithmetic on contiguous [N] rows
-    corner_index = (b * attr.shape[1] + tris.index_select(0, face[idx]).T).reshape(-1)
-    corners = attr.reshape(-1, channels).T.index_select(1, corner_index).view(channels, 3, -1)
-    uv = rast.reshape(-1, 4).index_select(0, idx)
-    u, v = uv[:, 0], uv[:, 1]
-    values = u * corners[:, 0] + v * corners[:, 1] + (1 - u - v) * corners[:, 2]  # [C, N]
+    corner_index = (b * attr.shape[1] + tris.index_select(0, face).T).reshape(-1)
+    c0, c1, c2 = attr.reshape(-1, channels).T.index_select(1, corner_index).view(channels, 3, -1).unbind(1)
+    u, v, _, _ = rast.reshape(-1, 4).index_select(0, idx).unbind(1)
+    values = u * c0 + v * c1 + (1 - u - v) * c2  # [C, N]
     dtype = torch.promote_types(attr.dtype, rast.dtype)
-    out = attr.new_zeros(channels, batch * height * width, dtype=dtype).index_copy(1, idx, values.to(dtype))
-    return out.T.reshape(batch, height, width, channels)
+    out = attr.new_zeros(batch * height * width, channels, dtype=dtype).index_copy(0, idx, values.T.to(dtype))
+    return out.view(batch, height, width, channels)
 
 
 # --------------------------------------------------------------------------- texture
@@ -357,14 +514,19 @@ def texture(
 # --------------------------------------------------------------------------- antialias
 
 
+_TOPOLOGY_CACHE: dict[int, tuple] = {}  # id(tris) -> (weakref to tris, its _version, device, topology)
+_TOPOLOGY_CACHE_SIZE = 8
+
+
 @torch.no_grad()
-def _edge_topology(tris: torch.Tensor):
+def _compute_edge_topology(tris: torch.Tensor):
     """Unique edges of a triangle mesh with their opposite vertices.
 
-    Returns ``(p, q, r, s)``: edge endpoints ``p < q``, the vertex opposite the
-    edge in its first face ``r`` and in its second face ``s`` (``-1`` on boundary
-    edges).  Edges shared by more than two faces (non-manifold; rare in the
-    meshes used here) are left out.
+    Returns ``(p, q, r, s, quad)``: edge endpoints ``p < q``, the vertex opposite
+    the edge in its first face ``r`` and in its second face ``s`` (``-1`` on
+    boundary edges), and ``quad = stack(p, q, r, max(s, 0))`` ``[4, E]``.  Edges
+    shared by more than two faces (non-manifold; rare in the meshes used here)
+    are left out.
     """
     n = int(tris.max()) + 1 if tris.numel() else 1
     a = tris[:, [0, 1, 2]].reshape(-1)
@@ -379,7 +541,33 @@ def _edge_topology(tris: torch.Tensor):
     r = opposite[order[first_m]]
     second = order[(first_m + 1).clamp(max=key.numel() - 1)]
     s = torch.where(counts_m == 2, opposite[second], torch.full_like(r, -1))
-    return keys_m // n, keys_m % n, r, s
+    p, q = keys_m // n, keys_m % n
+    return p, q, r, s, torch.stack([p, q, r, s.clamp(min=0)])
+
+
+def _edge_topology(tris: torch.Tensor, device: torch.device):
+    """:func:`_compute_edge_topology` of ``tris`` on ``device``, cached per tensor.
+
+    The topology depends only on ``tris``, which an optimisation loop passes
+    unchanged to every call; recomputing it (a sort of all half-edges) was a
+    large share of :func:`antialias`.  A hit needs the very same tensor object
+    (held by a weak reference, so a new tensor reusing freed memory never hits)
+    with the same version counter (in-place edits through torch invalidate it).
+    Returns the tuple of :func:`_compute_edge_topology`.
+    """
+    try:
+        version = tris._version
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return _compute_edge_topology(tris.to(device=device, dtype=torch.long))
+    hit = _TOPOLOGY_CACHE.get(id(tris))
+    if hit is not None and hit[0]() is tris and hit[1] == version and hit[2] == device:
+        return hit[3]
+    topology = _compute_edge_topology(tris.to(device=device, dtype=torch.long))
+    _TOPOLOGY_CACHE.pop(id(tris), None)
+    while len(_TOPOLOGY_CACHE) >= _TOPOLOGY_CACHE_SIZE:
+        _TOPOLOGY_CACHE.pop(next(iter(_TOPOLOGY_CACHE)))
+    _TOPOLOGY_CACHE[id(tris)] = (weakref.ref(tris), version, device, topology)
+    return topology
 
 
 @torch.no_grad()
@@ -412,80 +600,94 @@ def _silhouette_crossings(rast: torch.Tensor, pos_clip: torch.Tensor, tris: torc
     """
     batch, height, width, _ = rast.shape
     device = rast.device
-    p, q, r, s = _edge_topology(tris)
-    sx, sy, sz, w = _to_screen(pos_clip, height, width)
+    p, q, _, s, quad = _edge_topology(tris, device)
     if p.numel() == 0:
         return None
-
-    def side(x0, y0, x1, y1, x, y):
-        return torch.sign((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0))
-
-    px, py, qx, qy = sx[:, p], sy[:, p], sx[:, q], sy[:, q]  # [B, E]
-    side_r = side(px, py, qx, qy, sx[:, r], sy[:, r])
-    boundary = (s < 0).expand_as(side_r)
-    s_safe = s.clamp(min=0)
-    side_s = side(px, py, qx, qy, sx[:, s_safe], sy[:, s_safe])
-    ok = (w[:, p] > _W_EPS) & (w[:, q] > _W_EPS) & (w[:, r] > _W_EPS) & (side_r != 0)
-    ok &= boundary | ((w[:, s_safe] > _W_EPS) & (side_r * side_s > 0))
-    b_idx, e_idx = ok.nonzero(as_tuple=True)
-    if e_idx.numel() == 0:
+    n_edges, n_verts = p.numel(), pos_clip.shape[1]
+    sx, sy, sz, w = _to_screen(pos_clip, height, width)
+    # one gather for x, y, w of the four vertices of every edge and view: [3, 4 (p, q, r, s), B, E]
+    corner = (quad[:, None, :] + (torch.arange(batch, device=device) * n_verts)[None, :, None]).reshape(-1)
+    (px, qx, rx, s_x), (py, qy, ry, s_y) = (
+        a.reshape(-1).index_select(0, corner).view(4, batch, n_edges) for a in (sx, sy))
+    dx, dy = qx - px, qy - py
+    side_r = torch.sign(dx * (ry - py) - dy * (rx - px))
+    side_s = torch.sign(dx * (s_y - py) - dy * (s_x - px))
+    ok = (side_r != 0) & ((s < 0) | (side_r * side_s > 0))
+    if not bool((w > _W_EPS).all()):  # edges touching a vertex at or behind the camera plane are skipped
+        pw, qw, rw, sw = (w.reshape(-1) > _W_EPS).index_select(0, corner).view(4, batch, n_edges)
+        ok &= pw & qw & rw & ((s < 0) | sw)
+    flat_sel = ok.view(-1).nonzero().squeeze(1)  # b * E + e, in (b, e) order
+    if flat_sel.numel() == 0:
         return None
-    x0, y0, x1, y1 = px[b_idx, e_idx], py[b_idx, e_idx], qx[b_idx, e_idx], qy[b_idx, e_idx]
-    z0, z1 = sz[b_idx, p[e_idx]], sz[b_idx, q[e_idx]]
-    inside = side_r[b_idx, e_idx]
+    b_idx, e_idx = flat_sel // n_edges, flat_sel % n_edges
+    ep, eq = p.index_select(0, e_idx), q.index_select(0, e_idx)
+    x0, y0, x1, y1 = (a.reshape(-1).index_select(0, flat_sel) for a in (px, py, qx, qy))
+    inside = side_r.reshape(-1).index_select(0, flat_sel)
+    sz_flat = sz.reshape(-1)
+    z0, z1 = sz_flat.index_select(0, b_idx * n_verts + ep), sz_flat.index_select(0, b_idx * n_verts + eq)
     horizontal = (y1 - y0).abs() >= (x1 - x0).abs()  # mostly vertical edge -> horizontal pixel pairs
 
     # Swap axes for the mostly-horizontal edges so both cases are "walk along a, cross along c".
     a0, a1 = torch.where(horizontal, y0, x0), torch.where(horizontal, y1, x1)
     c0, c1 = torch.where(horizontal, x0, y0), torch.where(horizontal, x1, y1)
-    extent_a = torch.where(horizontal, torch.full_like(a0, height), torch.full_like(a0, width))
-    extent_c = torch.where(horizontal, torch.full_like(a0, width), torch.full_like(a0, height))
+    extent_a = torch.where(horizontal, float(height), float(width)).to(a0.dtype)
+    extent_c = torch.where(horizontal, float(width), float(height)).to(a0.dtype)
     lo = torch.minimum(torch.minimum(a0, a1).clamp(min=-1), extent_a).ceil()
     hi = torch.minimum(torch.maximum(a0, a1).clamp(min=-1), extent_a).ceil() - 1  # half-open [min, max)
     lo, hi = lo.clamp(min=0).long(), torch.minimum(hi, extent_a - 1).long()
     counts = (hi - lo + 1).clamp(min=0)
     owner, local = _expand_ranges(counts)
-    line = lo[owner] + local
-    t = (line - a0[owner]) / (a1[owner] - a0[owner])
-    cross = c0[owner] + t * (c1[owner] - c0[owner])
+    # per-edge values gathered to the crossings with one index_select: [8, N]
+    per_edge = torch.stack([a0, a1, c0, c1, z0, z1, extent_c, inside]).index_select(1, owner)
+    pa0, pa1, pc0, pc1, pz0, pz1, pext_c, pinside = per_edge
+    hor = horizontal.index_select(0, owner)
+    line = lo.index_select(0, owner) + local
+    t = (line - pa0) / (pa1 - pa0)
+    cross = pc0 + t * (pc1 - pc0)
     base = cross.floor()
-    valid = (base >= 0) & (base + 1 <= extent_c[owner] - 1)
+    valid = (base >= 0) & (base + 1 <= pext_c - 1)
     # Moving +c changes the side by sign(-(a1 - a0)) when c = x, and by sign(+(a1 - a0)) when c = y.
-    hor = horizontal[owner]
-    step_side = torch.sign(a1[owner] - a0[owner]) * torch.where(hor, -1.0, 1.0)
-    a_is_low = step_side != inside[owner]  # A (inside) is the high pixel when stepping +c goes inside
-    z_edge = z0[owner] + t * (z1[owner] - z0[owner])
+    step_side = torch.sign(pa1 - pa0) * torch.where(hor, -1.0, 1.0)
+    a_is_low = step_side != pinside  # A (inside) is the high pixel when stepping +c goes inside
+    z_edge = pz0 + t * (pz1 - pz0)
 
-    line, base_l = line[valid], base[valid].long()
-    owner, hor, a_is_low, z_edge, cross = owner[valid], hor[valid], a_is_low[valid], z_edge[valid], cross[valid]
-    bb = b_idx[owner]
+    vsel = valid.nonzero().squeeze(1)
+    line, base_l = line.index_select(0, vsel), base.index_select(0, vsel).long()
+    owner, hor, a_is_low = owner.index_select(0, vsel), hor.index_select(0, vsel), a_is_low.index_select(0, vsel)
+    z_edge, cross = z_edge.index_select(0, vsel), cross.index_select(0, vsel)
+    bb = b_idx.index_select(0, owner)
     row_low = torch.where(hor, line, base_l)
     col_low = torch.where(hor, base_l, line)
     pix_low = (bb * height + row_low) * width + col_low
-    pix_high = pix_low + torch.where(hor, torch.ones_like(line), torch.full_like(line, width))
+    pix_high = pix_low + torch.where(hor, 1, width)
     pix_a = torch.where(a_is_low, pix_low, pix_high)
     pix_b = torch.where(a_is_low, pix_high, pix_low)
 
-    face = rast[..., 3].detach().reshape(-1).round().long() - 1
-    depth = rast[..., 2].detach().reshape(-1)
-    face_a, face_b = face[pix_a], face[pix_b]
-    keep = (face_a >= 0) & (face_a != face_b) & ((face_b < 0) | (depth[pix_b] > z_edge))
-    ep, eq = p[e_idx[owner]], q[e_idx[owner]]
-    if not bool(keep.any()):
-        return None
+    flat_rast = rast.detach().reshape(-1, 4)
+    at_a, at_b = flat_rast.index_select(0, pix_a), flat_rast.index_select(0, pix_b)
+    face_a, face_b = at_a[:, 3].round().long() - 1, at_b[:, 3].round().long() - 1
+    keep = (face_a >= 0) & (face_a != face_b) & ((face_b < 0) | (at_b[:, 2] > z_edge))
     sel = keep.nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return None
 
     # One crossing per pixel pair: the one nearest to B (the outermost silhouette).
-    pair = torch.minimum(pix_a[sel], pix_b[sel]) * 2 + hor[sel].long()
-    toward_b = torch.where(a_is_low[sel], cross[sel], -cross[sel])
+    pix_a, pix_b, hor, a_is_low = (x.index_select(0, sel) for x in (pix_a, pix_b, hor, a_is_low))
+    pair = torch.minimum(pix_a, pix_b) * 2 + hor.long()
+    cross_s = cross.index_select(0, sel)
+    toward_b = torch.where(a_is_low, cross_s, -cross_s)
     pair_ids, pair_of = torch.unique(pair, return_inverse=True)
     key = (_sortable_float(toward_b) << 32) | (torch.iinfo(torch.int32).max - torch.arange(sel.numel(), device=device))
     best = torch.full((pair_ids.numel(),), torch.iinfo(torch.int64).min, dtype=torch.long, device=device)
     best.scatter_reduce_(0, pair_of, key, reduce="amax")
-    sel = sel[best[pair_of] == key]
+    win = (best.index_select(0, pair_of) == key).nonzero().squeeze(1)
+    sel_owner = owner.index_select(0, sel.index_select(0, win))
     return {
-        "b": bb[sel], "p": ep[sel], "q": eq[sel], "pix_a": pix_a[sel], "pix_b": pix_b[sel],
-        "line": line[sel], "base": base_l[sel], "a_is_low": a_is_low[sel], "horizontal": hor[sel],
+        "b": b_idx.index_select(0, sel_owner), "p": ep.index_select(0, sel_owner),
+        "q": eq.index_select(0, sel_owner), "pix_a": pix_a.index_select(0, win), "pix_b": pix_b.index_select(0, win),
+        "line": line.index_select(0, sel).index_select(0, win),
+        "base": base_l.index_select(0, sel).index_select(0, win),
+        "a_is_low": a_is_low.index_select(0, win), "horizontal": hor.index_select(0, win),
     }
 
 
@@ -513,18 +715,18 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, t
     """
     batch, height, width, channels = color.shape
     pos_clip = _batched(pos_clip)
-    if pos_clip.shape[0] != batch:
-        pos_clip = pos_clip.expand(batch, -1, -1)
-    tris = tris.to(device=color.device, dtype=torch.long)
-    found = _silhouette_crossings(rast, pos_clip.detach(), tris)
+    shared_pos = pos_clip.shape[0] != batch  # one set of positions for every view
+    found = _silhouette_crossings(rast, pos_clip.detach().expand(batch, -1, -1), tris)
     if found is None:
         return color + 0.0  # a new tensor, like the blended case
-    b = found["b"]
-    sx, sy, _, _ = _to_screen(pos_clip[b[:, None], torch.stack([found["p"], found["q"]], 1)], height, width)
+    b, n_verts = found["b"], pos_clip.shape[1]
+    row = (torch.zeros_like(b) if shared_pos else b) * n_verts
+    ends = pos_clip.reshape(-1, 4).index_select(0, torch.cat([row + found["p"], row + found["q"]]))
+    sx, sy, _, _ = _to_screen(ends.view(2, -1, 4), height, width)
     hor = found["horizontal"]
     # walk coordinate a (row for horizontal pairs), crossing coordinate c (column)
-    a0, a1 = torch.where(hor, sy[:, 0], sx[:, 0]), torch.where(hor, sy[:, 1], sx[:, 1])
-    c0, c1 = torch.where(hor, sx[:, 0], sy[:, 0]), torch.where(hor, sx[:, 1], sy[:, 1])
+    a0, a1 = torch.where(hor, sy[0], sx[0]), torch.where(hor, sy[1], sx[1])
+    c0, c1 = torch.where(hor, sx[0], sy[0]), torch.where(hor, sx[1], sy[1])
     denom = a1 - a0
     denom = torch.where(denom.abs() > 1e-12, denom, torch.full_like(denom, 1e-12))
     cross = c0 + (found["line"].to(c0.dtype) - a0) * (c1 - c0) / denom
