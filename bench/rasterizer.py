@@ -14,10 +14,16 @@ resolution on both sides:
   vertex positions as the differentiated parameter, loss = sum of the image,
   ``dr.backward``.
 
+A last case renders a batch of 4 views at 128² of a ~20k-triangle sphere (the
+optimiser's inner loop): one batched rasterize → interpolate → antialias and
+one backward for the workbench, 4 renders and one ``dr.backward`` of their sum
+for Mitsuba (the sphere is symmetric, so its 4 views cost the same as one
+repeated); the table gives ms per batch there.
+
 Each case runs once untimed (Mitsuba compiles its kernels then), then
-``--repeats`` times; the medians in ms per view and their ratio are printed as
-a markdown table.  Both use 2 CPU threads.  Mitsuba missing or failing to load
-is reported and skipped.
+``--repeats`` times; the medians in ms per view (per batch for the batch case)
+and their ratio are printed as a markdown table.  Both use 2 CPU threads.
+Mitsuba missing or failing to load is reported and skipped.
 
     python bench/rasterizer.py [--repeats 5] [--quick] [--json PATH]
 """
@@ -43,7 +49,8 @@ if str(ROOT) not in sys.path:
 THREADS = 2
 DISTANCE = 3.5
 FOVY_DEG = 45.0
-MESHES = {"5k": [36, 36], "50k": [114, 114]}  # trimesh.creation.uv_sphere counts
+MESHES = {"5k": [36, 36], "20k": [72, 72], "50k": [114, 114]}  # trimesh.creation.uv_sphere counts
+BATCH = 4  # views in the batch case
 
 
 def sphere(size: str) -> tuple[np.ndarray, np.ndarray]:
@@ -53,17 +60,20 @@ def sphere(size: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
 
 
-def mvp_matrix() -> np.ndarray:
+def mvp_matrix(azimuth: float = 0.0) -> np.ndarray:
+    """Projection @ view for a camera ``DISTANCE`` from the origin, turned ``azimuth`` radians about +y."""
     near, far = 0.1, 100.0
     t = math.tan(math.radians(FOVY_DEG) / 2)
     proj = np.array([[1 / t, 0, 0, 0], [0, -1 / t, 0, 0],
                      [0, 0, -(far + near) / (far - near), -2 * far * near / (far - near)], [0, 0, -1, 0]])
     view = np.eye(4)
     view[2, 3] = -DISTANCE
-    return (proj @ view).astype(np.float32)
+    c, s = math.cos(azimuth), math.sin(azimuth)
+    turn = np.array([[c, 0, s, 0], [0, 1, 0, 0], [-s, 0, c, 0], [0, 0, 0, 1]])
+    return (proj @ view @ turn).astype(np.float32)
 
 
-def time_workbench(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int) -> dict:
+def time_workbench(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int, views: int = 1) -> dict:
     import torch
 
     from workbench.recon.render import raster
@@ -71,12 +81,12 @@ def time_workbench(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int)
     torch.set_num_threads(THREADS)
     v = torch.tensor(verts, requires_grad=True)
     f = torch.tensor(faces)
-    mvp = torch.tensor(mvp_matrix())
+    mvp = torch.tensor(np.stack([mvp_matrix(2 * math.pi * i / views) for i in range(views)]))  # [views, 4, 4]
 
     def one_view() -> float:
         v.grad = None
         start = time.perf_counter()
-        pos = (torch.cat([v, torch.ones_like(v[:, :1])], 1) @ mvp.T)[None]
+        pos = torch.cat([v, torch.ones_like(v[:, :1])], 1) @ mvp.transpose(1, 2)  # [views, V, 4]
         rast = raster.rasterize(pos, f, (res, res))
         color = raster.interpolate(v[None], rast, f)
         image = raster.antialias(color, rast, pos, f)
@@ -88,7 +98,7 @@ def time_workbench(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int)
     return {"median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times]}
 
 
-def time_mitsuba(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int) -> dict:
+def time_mitsuba(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int, views: int = 1) -> dict:
     import drjit as dr
     import mitsuba as mi
 
@@ -121,8 +131,8 @@ def time_mitsuba(verts: np.ndarray, faces: np.ndarray, res: int, repeats: int) -
     def one_view(seed: int) -> float:
         start = time.perf_counter()
         dr.set_grad(params[key], 0)
-        image = mi.render(scene, params, spp=1, seed=seed)
-        dr.backward(dr.sum(image, axis=None))
+        loss = sum(dr.sum(mi.render(scene, params, spp=1, seed=views * seed + i), axis=None) for i in range(views))
+        dr.backward(loss)
         np.asarray(dr.grad(params[key]))  # forces evaluation
         return time.perf_counter() - start
 
@@ -155,30 +165,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
 
-    cases = [(128, "5k")] if args.quick else [(128, "5k"), (128, "50k"), (512, "5k"), (512, "50k")]
+    cases = [(128, "5k", 1)] if args.quick else [(128, "5k", 1), (128, "50k", 1), (512, "5k", 1), (512, "50k", 1),
+                                                  (128, "20k", BATCH)]
     problem = mitsuba_problem()
     if problem:
         print(f"Mitsuba 3 skipped: {problem}", flush=True)
     rows = []
-    for res, size in cases:
+    for res, size, views in cases:
         verts, faces = sphere(size)
-        row = {"resolution": res, "triangles": int(len(faces)),
-               "workbench": time_workbench(verts, faces, res, args.repeats)}
+        row = {"resolution": res, "triangles": int(len(faces)), "views": views,
+               "workbench": time_workbench(verts, faces, res, args.repeats, views)}
         if problem:
             row["mitsuba"] = {"skipped": problem}
         else:
             try:
-                row["mitsuba"] = time_mitsuba(verts, faces, res, args.repeats)
+                row["mitsuba"] = time_mitsuba(verts, faces, res, args.repeats, views)
             except Exception as exc:
                 row["mitsuba"] = {"skipped": f"{type(exc).__name__}: {exc}"}
         if "median_ms" in row["mitsuba"]:
             row["speedup"] = row["mitsuba"]["median_ms"] / row["workbench"]["median_ms"]
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("resolution", "triangles")}
+        print(json.dumps({k: row[k] for k in ("resolution", "triangles", "views")}
                          | {"workbench_ms": round(row["workbench"]["median_ms"], 1),
                             "mitsuba_ms": round(row["mitsuba"].get("median_ms", float("nan")), 1)}), flush=True)
 
-    print(f"\nForward + backward per view, median of {args.repeats}, {THREADS} CPU threads "
+    print(f"\nForward + backward per view (per batch of {BATCH} views in the last row), median of {args.repeats}, "
+          f"{THREADS} CPU threads "
           f"({platform.processor() or platform.machine()}):\n")
     print("| resolution | triangles | workbench (ms) | Mitsuba 3 direct_projective (ms) | workbench faster by |")
     print("|---|---|---|---|---|")
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         mitsuba = row["mitsuba"]
         m_text = f"{mitsuba['median_ms']:.1f}" if "median_ms" in mitsuba else "skipped"
         s_text = f"{row['speedup']:.1f}×" if "speedup" in row else "–"
-        print(f"| {row['resolution']}² | {row['triangles']:,} | {row['workbench']['median_ms']:.1f} | {m_text} "
+        res_text = f"{row['resolution']}²" + (f" × {row['views']} views" if row["views"] > 1 else "")
+        print(f"| {res_text} | {row['triangles']:,} | {row['workbench']['median_ms']:.1f} | {m_text} "
               f"| {s_text} |")
     if args.json:
         import torch

@@ -263,3 +263,80 @@ def test_backend_falls_back_to_torch_on_cpu():
     impl = raster.backend("cpu")
     assert impl.name == "torch"
     assert impl.rasterize is raster.rasterize and impl.antialias is raster.antialias
+
+
+def brute_force_faces(pos: torch.Tensor, tris: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Every triangle against every pixel centre with the rasteriser's own float32 edge-function test -> [H, W]."""
+    sx, sy, sz, w = raster._to_screen(pos[0], height, width)
+    tx, ty, tz = sx[tris], sy[tris], sz[tris]  # [F, 3]
+    ok = (w[tris] > raster._W_EPS).all(1)
+    area = (tx[:, 1] - tx[:, 0]) * (ty[:, 2] - ty[:, 0]) - (tx[:, 2] - tx[:, 0]) * (ty[:, 1] - ty[:, 0])
+    ok &= area != 0
+    jj, ii = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    px, py = ii.reshape(1, -1).float(), jj.reshape(1, -1).float()
+    vx = [tx[:, k:k + 1] - px for k in range(3)]
+    vy = [ty[:, k:k + 1] - py for k in range(3)]
+    e0 = vx[1] * vy[2] - vx[2] * vy[1]
+    e1 = vx[2] * vy[0] - vx[0] * vy[2]
+    e2 = vx[0] * vy[1] - vx[1] * vy[0]
+    z = (e0 * tz[:, :1] + e1 * tz[:, 1:2] + e2 * tz[:, 2:]) / area[:, None]
+    sign = torch.sign(area)[:, None]
+    inside = (e0 * sign >= 0) & (e1 * sign >= 0) & (e2 * sign >= 0) & (z >= -1) & (z <= 1) & ok[:, None]
+    key = (raster._sortable_float(z) << 32) | torch.arange(len(tris))[:, None]
+    key = torch.where(inside, key, torch.iinfo(torch.int64).max).amin(0)
+    return torch.where(key == torch.iinfo(torch.int64).max, -1, key & 0xFFFFFFFF).view(height, width)
+
+
+def test_search_matches_testing_every_pixel_of_every_triangle():
+    """Row spans and the back-face depth skip must not change a single pixel (slivers, near-horizontal
+    edges, both windings, overlapping depths, vertices close to the camera plane)."""
+    gen = torch.Generator().manual_seed(7)
+    height, width = 37, 45
+    n = 240
+    w = torch.rand(n, 3, generator=gen) * 2 + 0.5
+    w[:20, 0] = 2e-3  # nearly at the camera plane: huge screen coordinates
+    centre = torch.rand(n, 1, 2, generator=gen) * 2.4 - 1.2
+    scale = torch.rand(n, 1, 1, generator=gen) ** 3 * 0.4
+    ndc = centre + scale * torch.randn(n, 3, 2, generator=gen)
+    ndc[20:60, :, 1] = ndc[20:60, :1, 1] + 1e-4 * torch.randn(40, 3, generator=gen)  # near-horizontal slivers
+    ndc[60:80, 1] = ndc[60:80, 0] + 1e-3 * torch.randn(20, 2, generator=gen)  # near-degenerate
+    z = torch.rand(n, 3, generator=gen) * 2.2 - 1.1
+    pos = torch.cat([ndc * w[..., None], (z * w)[..., None], w[..., None]], -1).reshape(1, -1, 4)
+    tris = torch.arange(3 * n).view(n, 3)
+    tris[::2] = tris[::2].flip(1)  # both windings
+    expected = brute_force_faces(pos, tris, height, width)
+    assert (expected >= 0).sum() > 500 and len(expected.unique()) > 40
+    assert torch.equal(raster._visible_triangles(pos, tris, height, width)[0], expected)
+    sphere_verts, sphere_faces = icosphere(3)
+    sphere = to_clip(sphere_verts).float()
+    assert torch.equal(raster._visible_triangles(sphere, sphere_faces, height, width)[0],
+                       brute_force_faces(sphere, sphere_faces, height, width))
+
+
+def test_edge_topology_cache_follows_in_place_edits():
+    verts, faces = icosphere(2)
+    pos = to_clip(verts).float()
+    rast = raster.rasterize(pos, faces, (32, 32))
+    color = (rast[..., 3:4] > 0).float()
+    first = raster.antialias(color, rast, pos, faces)
+    torch.testing.assert_close(raster.antialias(color, rast, pos, faces), first, rtol=0, atol=0)
+    faces[:, [1, 2]] = faces[:, [2, 1]].clone()  # same tensor, other winding: the cached topology must not be reused
+    flipped = raster.antialias(color, raster.rasterize(pos, faces, (32, 32)), pos, faces)
+    fresh = faces.clone()
+    torch.testing.assert_close(flipped, raster.antialias(color, raster.rasterize(pos, fresh, (32, 32)), pos, fresh),
+                               rtol=0, atol=0)
+
+
+def test_search_keeps_a_far_triangle_seen_between_nearer_ones():
+    """A back-facing triangle whose bounding-box corners are hidden by nearer triangles is still drawn inside."""
+    big = [[-0.9, -0.9, 0.5, 1], [0.9, -0.9, 0.5, 1], [0.0, 0.9, 0.5, 1]]
+    corners = []
+    for cx, cy in ((-0.9, -0.9), (0.9, -0.9), (-0.9, 0.9), (0.9, 0.9)):
+        corners += [[cx - 0.3, cy - 0.3, -0.5, 1], [cx + 0.3, cy - 0.3, -0.5, 1], [cx, cy + 0.3, -0.5, 1]]
+    pos = torch.tensor([big + corners], dtype=torch.float32)
+    tris = torch.arange(15).view(5, 3)
+    for order in ([0, 1, 2], [0, 2, 1]):  # the big one in either winding; the small ones in both
+        t = torch.cat([tris[:1, order], tris[1:], tris[1:].flip(1)])
+        expected = brute_force_faces(pos, t, 24, 24)
+        assert (expected == 0).sum() > 50
+        assert torch.equal(raster._visible_triangles(pos, t, 24, 24)[0], expected)

@@ -149,12 +149,37 @@ def _visible_triangles(pos_clip: torch.Tensor, tris: torch.Tensor, height: int, 
         # first, so that most back faces of a closed mesh are skipped by the depth bound.  Any winding
         # gives the same result; only the amount of skipped work changes.
         front = area < 0
-        passes = ((False, (live & front).nonzero().squeeze(1)), (True, (live & ~front).nonzero().squeeze(1)))
-        for cull, subset in passes:
-            for owner, px, py in _candidates(tri, subset):
-                _test_pixels(keys, tri, owner, px, py, height, width, cull)
+        for owner, px, py in _candidates(tri, (live & front).nonzero().squeeze(1)):
+            _test_pixels(keys, tri, owner, px, py, height, width, cull=False)
+        back = _drop_hidden_small(keys, tri, (live & ~front).nonzero().squeeze(1), width)
+        for owner, px, py in _candidates(tri, back):
+            _test_pixels(keys, tri, owner, px, py, height, width, cull=True)
     face = torch.where(keys == _INT64_MAX, -1, keys & 0xFFFFFFFF)
     return face.view(batch, height, width)
+
+
+def _drop_hidden_small(keys: torch.Tensor, tri: dict, subset: torch.Tensor, width: int) -> torch.Tensor:
+    """``subset`` less the triangles whose bounding box (at most 2×2 pixels) is all nearer than their depth bound.
+
+    For such boxes the four corners are all the candidate pixels, so this drops a
+    triangle exactly when :func:`_test_pixels` with ``cull`` would drop each of
+    its pairs, without generating them.
+    """
+    if subset.numel() == 0:
+        return subset
+    x0, y0 = tri["x0"].index_select(0, subset), tri["y0"].index_select(0, subset)
+    x1 = x0 + tri["box_w"].index_select(0, subset) - 1
+    y1 = y0 + tri["rows"].index_select(0, subset) - 1
+    row0 = tri["row0"].index_select(0, subset)
+    nearest_last = None  # the farthest current key depth over the four corners
+    for y in (y0, y1):
+        base = (row0 + y) * width
+        for x in (x0, x1):
+            depth = keys.index_select(0, base + x) >> 32
+            nearest_last = depth if nearest_last is None else torch.maximum(nearest_last, depth)
+    small = (x1 - x0 <= 1) & (y1 - y0 <= 1)
+    hidden = small & (nearest_last < tri["z_low"].index_select(0, subset))
+    return subset.index_select(0, (~hidden).nonzero().squeeze(1))
 
 
 def _candidates(tri: dict, subset: torch.Tensor):
@@ -342,13 +367,20 @@ def rasterize(pos_clip: torch.Tensor, tris: torch.Tensor, resolution: tuple[int,
     ndc_x = (2 * (pix % width) + 1).to(pos_clip.dtype) / width - 1
     ndc_y = (2 * (pix // width) + 1).to(pos_clip.dtype) / height - 1
     n_verts = pos_clip.shape[1]
-    corner_index = (b * n_verts + tris.index_select(0, f).T).reshape(-1)  # corner-major [3 * N]
-    # index_select (not fancy indexing): its backward is a fast index_add
-    verts = pos_clip.reshape(-1, 4).T.index_select(1, corner_index).view(4, 3, -1)
+    corner_index = _corner_index(tris, f, b * n_verts)
+    # 1-D index_select from contiguous component rows (not fancy indexing, not a strided gather):
+    # forward and backward (a small index_add per component) are both fast
+    columns = pos_clip.reshape(-1, 4).T.contiguous()
+    verts = torch.stack([c.index_select(0, corner_index) for c in columns]).view(4, 3, -1)
     u, v, z = _clip_barycentrics(verts, ndc_x, ndc_y)
     values = torch.stack([u, v, z, (f + 1).to(pos_clip.dtype)], 1)  # [N, 4]
     out = pos_clip.new_zeros(batch * height * width, 4).index_copy(0, idx, values)
     return out.view(batch, height, width, 4)
+
+
+def _corner_index(tris: torch.Tensor, face: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Corner-major vertex rows ``[3 * N]`` of triangles ``face`` ``[N]``: ``tris[face, k] + offset``, k = 0, 1, 2."""
+    return torch.cat([tris[:, k].index_select(0, face) + offset for k in range(3)])
 
 
 def _covered(rast: torch.Tensor):
@@ -380,8 +412,9 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tris: torch.Tensor) -> t
     b = idx // (height * width) if attr.shape[0] > 1 else torch.zeros_like(idx)
     channels = attr.shape[-1]
     # channel-first, corner-major gathers keep the arithmetic on contiguous [N] rows
-    corner_index = (b * attr.shape[1] + tris.index_select(0, face).T).reshape(-1)
-    c0, c1, c2 = attr.reshape(-1, channels).T.index_select(1, corner_index).view(channels, 3, -1).unbind(1)
+    corner_index = _corner_index(tris, face, b * attr.shape[1])
+    columns = attr.reshape(-1, channels).T.contiguous()
+    c0, c1, c2 = torch.stack([c.index_select(0, corner_index) for c in columns]).view(channels, 3, -1).unbind(1)
     u, v, _, _ = rast.reshape(-1, 4).index_select(0, idx).unbind(1)
     values = u * c0 + v * c1 + (1 - u - v) * c2  # [C, N]
     dtype = torch.promote_types(attr.dtype, rast.dtype)
@@ -734,10 +767,13 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, t
     dist = torch.where(found["a_is_low"], offset, 1 - offset).clamp(0, 1)[:, None]
 
     flat = color.reshape(-1, channels)
-    col_a, col_b = flat.index_select(0, found["pix_a"]), flat.index_select(0, found["pix_b"])
+    # one gather and one index_add (B deltas before A deltas, as if applied one after the other):
+    # each full-size copy or zero-filled gradient buffer is paid once
+    pairs = torch.cat([found["pix_a"], found["pix_b"]])
+    col_a, col_b = flat.index_select(0, pairs).view(2, -1, channels).unbind(0)
     delta_b = (dist - 0.5).clamp(min=0) * (col_a - col_b)
     delta_a = (0.5 - dist).clamp(min=0) * (col_b - col_a)
-    out = flat.index_add(0, found["pix_b"], delta_b.to(flat.dtype)).index_add(0, found["pix_a"], delta_a.to(flat.dtype))
+    out = flat.index_add(0, pairs.view(2, -1).flip(0).reshape(-1), torch.cat([delta_b, delta_a]).to(flat.dtype))
     return out.view(batch, height, width, channels)
 
 
