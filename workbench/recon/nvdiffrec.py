@@ -302,7 +302,7 @@ class Nvdiffrec:
             log.iterations = it + 1
             if it % max(1, cfg.iter // 50) == 0 or it == cfg.iter - 1:
                 log.loss_curve.append((it, float(loss.detach())))
-                progress((it + 1) / cfg.iter, f"pass 1 (DMTet): iteration {it + 1}/{cfg.iter}, loss {float(loss):.4f}")
+                progress((it + 1) / cfg.iter, f"pass 1 (DMTet): iteration {it + 1}/{cfg.iter}, loss {log.loss_curve[-1][1]:.4f}")
         log.seconds = time.perf_counter() - start
         log.final_loss = log.loss_curve[-1][1] if log.loss_curve else float("nan")
         with torch.no_grad():
@@ -396,7 +396,7 @@ class Nvdiffrec:
             log.iterations = it + 1
             if it % max(1, n_iter // 50) == 0 or it == n_iter - 1:
                 log.loss_curve.append((it, float(loss.detach())))
-                progress((it + 1) / n_iter, f"pass 2 (textures): iteration {it + 1}/{n_iter}, loss {float(loss):.4f}")
+                progress((it + 1) / n_iter, f"pass 2 (textures): iteration {it + 1}/{n_iter}, loss {log.loss_curve[-1][1]:.4f}")
         log.seconds = time.perf_counter() - start
         log.final_loss = log.loss_curve[-1][1] if log.loss_curve else float("nan")
         with torch.no_grad():

@@ -75,7 +75,7 @@ def run_recon(
             run.step(model, STEP_FUNCTIONS[model], timeout_s=timeouts.get(f"{model}_s"), model=model,
                      images=images, config=config[model], resolution=resolution)
             run.step(f"evaluate_{model}", STEP_FUNCTIONS["evaluate"], timeout_s=timeouts.get("evaluate_s"),
-                     optional=True, model=model, images=images, model_dir=str(run.run_dir / model),
+                     optional=True, model=model, model_name=model, images=images, model_dir=str(run.run_dir / model),
                      resolution=resolution, gt_mesh=evaluation.get("gt_mesh"),
                      thresholds=list(evaluation.get("fscore_thresholds", [0.005, 0.01])),
                      n_points=int(evaluation.get("sample_points", 100_000)),

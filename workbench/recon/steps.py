@@ -95,7 +95,7 @@ def nvdiffrec(ctx: StepContext, images: str, config: dict[str, Any], resolution:
     return StepResult(outputs=outputs, metrics=metrics)
 
 
-def evaluate(ctx: StepContext, images: str, model_dir: str, model: str, resolution: int | None = None,
+def evaluate(ctx: StepContext, images: str, model_dir: str, model_name: str, resolution: int | None = None,
              gt_mesh: str | None = None, thresholds: list[float] | None = None, n_points: int = 100_000,
              test_split: bool = True) -> StepResult:
     """``<model>/metrics.json``: training figures, held-out view PSNR/SSIM and geometry metrics when possible."""
@@ -111,10 +111,10 @@ def evaluate(ctx: StepContext, images: str, model_dir: str, model: str, resoluti
                               device=ctx.device)
     training_path = folder / "training.json"
     training = json.loads(training_path.read_text()) if training_path.is_file() else {}
-    document = {"model": model, "training": training, **figures,
+    document = {"model": model_name, "training": training, **figures,
                 "notes": [] if test is not None else ["no test split: no held-out image metrics"]}
-    (ctx.work_dir / model).mkdir(parents=True, exist_ok=True)
-    (ctx.work_dir / model / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
+    (ctx.work_dir / model_name).mkdir(parents=True, exist_ok=True)
+    (ctx.work_dir / model_name / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
     flat: dict[str, Any] = {}
     if "test_views" in figures:
         flat.update(psnr=figures["test_views"]["psnr"], ssim=figures["test_views"]["ssim"])
@@ -123,5 +123,5 @@ def evaluate(ctx: StepContext, images: str, model_dir: str, model: str, resoluti
         flat.update({k: geo[k] for k in geo if k.startswith("fscore") or k in ("chamfer_l1", "normal_consistency",
                                                                                 "genus")})
     ctx.progress(1.0, "done")
-    return StepResult(outputs={"metrics": Output(f"{model}/metrics.json", "json", description="quality figures")},
+    return StepResult(outputs={"metrics": Output(f"{model_name}/metrics.json", "json", description="quality figures")},
                       metrics=flat)
