@@ -94,3 +94,27 @@ def test_quickstart_nbval_lax(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_workbench_run_recon_end_to_end(tmp_path, capsys):
+    # as a user runs it: a sample scene, then `workbench run recon` through papermill, then the report
+    scene = tmp_path / "scene"
+    assert main(["data", "sample", "recon", "--shape", "blob", "--views", "16", "--test-views", "4", "--res", "48",
+                 "--out", str(scene)]) == 0
+    out = tmp_path / "run"
+    small = ["nvdiffrec.iter=60", "nvdiffrec.iter_pass2=10", "nvdiffrec.dmtet_grid=16", "nvdiffrec.train_res=[48,48]",
+             "nvdiffrec.texture_res=[64,64]", "evaluate.sample_points=20000"]
+    code = main(["run", "recon", "--images", str(scene), "--out", str(out), "--device", "cpu"]
+                + [arg for kv in small for arg in ("--set", kv)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.strip().endswith("report.html")
+    result = json.loads((out / "result.json").read_text())
+    jsonschema.validate(result, RESULT_SCHEMA)
+    assert result["status"] == "ok" and result["models"] == ["nvdiffrec"]
+    for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "probe.hdr", "mesh.ply", "metrics.json"):
+        assert (out / "nvdiffrec" / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 4  # input views, two previews, loss curves
+    assert "test-view PSNR" in html and "<script src=" not in html
