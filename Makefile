@@ -41,6 +41,8 @@ bench: data
 	$(PY) bench/dicom_io.py
 	$(PY) bench/knee_analysis.py --quick --json outputs/bench_knee_analysis.json \
 		$(if $(PYMSKT_PYTHON),--pymskt-python $(PYMSKT_PYTHON))
+	$(PY) bench/rasterizer.py --quick --json outputs/bench_rasterizer.json
+	$(PY) bench/nvdiffrec.py --quick --json outputs/bench_nvdiffrec.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
