@@ -37,6 +37,14 @@ def test_set_overrides_any_nvdiffrec_key_and_other_sections():
     assert config["evaluate"]["sample_points"] == 500
 
 
+def test_bare_upstream_keys_set_the_model_section():
+    options = parse_options(ReconOptions, {"images": "x", "overrides": {"iter": "800", "train_res": "[96, 96]",
+                                                                        "timeouts.run_s": "60"}})
+    config = recon_job_config(options, BASE)
+    cfg = NvdiffrecConfig.from_dict(config["nvdiffrec"])
+    assert cfg.iter == 800 and tuple(cfg.train_res) == (96, 96) and config["timeouts"]["run_s"] == 60
+
+
 def test_unknown_or_bad_keys_are_config_errors():
     options = parse_options(ReconOptions, {"images": "x", "overrides": {"nvdiffrec.itr": "12"}})
     with pytest.raises(ConfigError, match="itr"):

@@ -33,7 +33,7 @@ EPILOG_RUN_RECON = """examples:
   workbench data sample recon --shape torus --views 64 --res 128 --out data/torus
   workbench run recon --images data/torus                         # nvdiffrec, cpu preset
   workbench run recon --images nerf_synthetic/lego --preset paper --device cuda
-  workbench run recon --images my_object/ --set nvdiffrec.iter=3000 --set nvdiffrec.dmtet_grid=48
+  workbench run recon --images my_object/ --set nvdiffrec.iter=3000 --set dmtet_grid=48   # bare upstream keys work too
 input formats: docs/recon-inputs.md; config keys and presets: configs/recon.yaml
 """
 EPILOG_DATA = """examples:

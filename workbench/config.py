@@ -308,10 +308,12 @@ def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) 
         config["timeouts"]["run_s"] = options.timeout_s
     for name, seconds in options.step_timeouts.items():
         config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
-    section_overrides = {k: v for k, v in options.overrides.items() if k.startswith("nvdiffrec.")}
+    # upstream's bare key names (`--set iter=800`) are short for the model section's (`nvdiffrec.iter`)
+    overrides = {(k if "." in k or k in config else f"{config['model']}.{k}"): v for k, v in options.overrides.items()}
+    section_overrides = {k: v for k, v in overrides.items() if k.startswith("nvdiffrec.")}
     for dotted, value in section_overrides.items():  # any NvdiffrecConfig field, present in the file or not
         config["nvdiffrec"][dotted.split(".", 1)[1]] = yaml.safe_load(value) if isinstance(value, str) else value
-    apply_overrides(config, {k: v for k, v in options.overrides.items() if k not in section_overrides})
+    apply_overrides(config, {k: v for k, v in overrides.items() if k not in section_overrides})
     run_s = config["timeouts"].get("run_s")
     for key, seconds in config["timeouts"].items():
         if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
