@@ -287,7 +287,8 @@ def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) 
     The preset named by ``options.preset`` fills the ``nvdiffrec`` section
     (keys already set there win over the preset), then ``--set`` overrides
     apply.  ``nvdiffrec.*`` keys may be any field of
-    :class:`workbench.recon.nvdiffrec.NvdiffrecConfig`, set or not in the file.
+    :class:`workbench.recon.nvdiffrec_config.NvdiffrecConfig`, set or not in the file;
+    a bare key that is not a top-level key (``iter``) means the model's (``nvdiffrec.iter``).
     """
     config = copy.deepcopy(base if base is not None else load_base_config("recon"))
     for key in ("input", "timeouts", "presets"):
