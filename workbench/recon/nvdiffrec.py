@@ -205,10 +205,25 @@ class Nvdiffrec:
         decay = math.log10(self.config.lr_decay)
         return lambda it: 10.0 ** (decay * min(it, total) / max(total, 1))
 
-    def _target(self, views: dict[str, torch.Tensor], idx: torch.Tensor, background: torch.Tensor):
+    def _render_batch(self, views: dict[str, torch.Tensor], surface: SurfaceMesh, material, light,
+                      gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Render ``batch`` random views over random backgrounds; return the buffers and the image loss.
+
+        The loss is upstream's: colour loss where the reference is covered (both over the same
+        background) plus alpha MSE.
+        """
+        cfg = self.config
+        height, width = cfg.train_res
+        idx = torch.randint(0, len(views["images"]), (cfg.batch,), generator=gen).to(self.device)
+        background = make_background(cfg.background, cfg.batch, height, width, self.device,
+                                     gen if self.device.type == "cpu" else None)
         ref = views["images"][idx]
-        alpha = ref[..., 3:4]
-        return ref[..., :3] * alpha + background * (1 - alpha), alpha
+        ref_alpha = ref[..., 3:4]
+        target = ref[..., :3] * ref_alpha + background * (1 - ref_alpha)
+        out = render(surface, material, light, views["mvp"][idx], views["campos"][idx], (height, width),
+                     background, self.raster, with_buffers=True)
+        loss = image_loss(out["rgb"] * ref_alpha, target * ref_alpha, cfg.loss)
+        return out, loss + torch.nn.functional.mse_loss(out["alpha"], ref_alpha)
 
     def _check_loss(self, loss: torch.Tensor, pass_name: str, iteration: int) -> None:
         if not torch.isfinite(loss):
@@ -253,13 +268,8 @@ class Nvdiffrec:
         def material(points, uv):
             return field_(points)
 
-        n_views = len(views["images"])
-        height, width = cfg.train_res
         start = time.perf_counter()
         for it in range(cfg.iter):
-            idx = torch.randint(0, n_views, (cfg.batch,), generator=gen).to(self.device)
-            background = make_background(cfg.background, cfg.batch, height, width, self.device,
-                                         gen if self.device.type == "cpu" else None)
             mesh = surface()
             if len(mesh.faces) == 0:
                 raise ReconstructionFailed(
@@ -268,11 +278,7 @@ class Nvdiffrec:
                     "lower learning_rate may help.")
             if cfg.learn_light or it == 0:
                 light.build_mips()
-            target, ref_alpha = self._target(views, idx, background)
-            out = render(mesh, material, light, views["mvp"][idx], views["campos"][idx], (height, width),
-                         background, self.raster, with_buffers=True)
-            loss = image_loss(out["rgb"] * ref_alpha, target * ref_alpha, cfg.loss)
-            loss = loss + torch.nn.functional.mse_loss(out["alpha"], ref_alpha)
+            out, loss = self._render_batch(views, mesh, material, light, gen)
             t = it / cfg.iter
             sdf_weight = cfg.sdf_regularizer - (cfg.sdf_regularizer - 0.01) * min(1.0, 4.0 * t)
             reg = sdf_weight * dmtet.sdf_sign_regularizer(sdf, edges)
@@ -364,20 +370,11 @@ class Nvdiffrec:
         def material(points, uv):
             return tex.sample(uv[None, None], self.raster.texture)[0, 0]
 
-        n_views = len(views["images"])
-        height, width = cfg.train_res
         start = time.perf_counter()
         for it in range(n_iter):
-            idx = torch.randint(0, n_views, (cfg.batch,), generator=gen).to(self.device)
-            background = make_background(cfg.background, cfg.batch, height, width, self.device,
-                                         gen if self.device.type == "cpu" else None)
             if cfg.learn_light or it == 0:
                 light.build_mips()
-            target, ref_alpha = self._target(views, idx, background)
-            out = render(surface(), material, light, views["mvp"][idx], views["campos"][idx], (height, width),
-                         background, self.raster, with_buffers=True)
-            loss = image_loss(out["rgb"] * ref_alpha, target * ref_alpha, cfg.loss)
-            loss = loss + torch.nn.functional.mse_loss(out["alpha"], ref_alpha)
+            out, loss = self._render_batch(views, surface(), material, light, gen)
             reg = cfg.occlusion_reg * out["ks"][:, 0].mean() if len(out["ks"]) else loss.new_zeros(())
             if cfg.learn_light:
                 reg = reg + cfg.light_reg * light.regularizer()
