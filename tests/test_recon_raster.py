@@ -287,9 +287,11 @@ def brute_force_faces(pos: torch.Tensor, tris: torch.Tensor, height: int, width:
     return torch.where(key == torch.iinfo(torch.int64).max, -1, key & 0xFFFFFFFF).view(height, width)
 
 
-def test_search_matches_testing_every_pixel_of_every_triangle():
+@pytest.mark.parametrize("one_pass_pairs", [0, 1 << 30])  # the two-pass search with the depth skip, one pass
+def test_search_matches_testing_every_pixel_of_every_triangle(monkeypatch, one_pass_pairs):
     """Row spans and the back-face depth skip must not change a single pixel (slivers, near-horizontal
     edges, both windings, overlapping depths, vertices close to the camera plane)."""
+    monkeypatch.setattr(raster, "_ONE_PASS_PAIRS", one_pass_pairs)
     gen = torch.Generator().manual_seed(7)
     height, width = 37, 45
     n = 240
@@ -327,8 +329,10 @@ def test_edge_topology_cache_follows_in_place_edits():
                                rtol=0, atol=0)
 
 
-def test_search_keeps_a_far_triangle_seen_between_nearer_ones():
+@pytest.mark.parametrize("one_pass_pairs", [0, 1 << 30])
+def test_search_keeps_a_far_triangle_seen_between_nearer_ones(monkeypatch, one_pass_pairs):
     """A back-facing triangle whose bounding-box corners are hidden by nearer triangles is still drawn inside."""
+    monkeypatch.setattr(raster, "_ONE_PASS_PAIRS", one_pass_pairs)
     big = [[-0.9, -0.9, 0.5, 1], [0.9, -0.9, 0.5, 1], [0.0, 0.9, 0.5, 1]]
     corners = []
     for cx, cy in ((-0.9, -0.9), (0.9, -0.9), (-0.9, 0.9), (0.9, 0.9)):
@@ -340,3 +344,21 @@ def test_search_keeps_a_far_triangle_seen_between_nearer_ones():
         expected = brute_force_faces(pos, t, 24, 24)
         assert (expected == 0).sum() > 50
         assert torch.equal(raster._visible_triangles(pos, t, 24, 24)[0], expected)
+
+
+def test_antialias_pair_maximum_is_the_same_dense_or_sorted(monkeypatch):
+    """The per-pixel-pair outermost crossing found with a dense buffer (small images) or with unique (large)."""
+    verts, faces = icosphere(3)
+    pos = torch.cat([to_clip(v).float().reshape(1, -1, 4) for v in (verts, verts * 1.3)])
+    pos.requires_grad_(True)
+    color = torch.rand(2, 40, 48, 3, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for dense in (1 << 30, 0):
+        monkeypatch.setattr(raster, "_DENSE_PAIRS", dense)
+        pos.grad = None
+        rast = raster.rasterize(pos, faces, (40, 48))
+        out = raster.antialias(color * (rast[..., 3:4] > 0), rast, pos, faces)
+        out.sum().backward()
+        outs.append((out.detach(), pos.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0], color * (rast[..., 3:4] > 0))  # some silhouette pixels were blended

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 _W_EPS = 1e-8  # vertices with w below this are treated as behind the camera
 _PAIR_BUDGET = 1 << 20  # candidate (triangle, pixel) pairs per chunk of the search
 _INT64_MAX = torch.iinfo(torch.int64).max
+_ONE_PASS_PAIRS = 1 << 17  # bounding-box pixels in all below which the search skips the back-face pass
+_DENSE_PAIRS = 1 << 18  # antialias: pixel-pair slots below which the per-pair maximum uses a dense buffer
 _SPAN_MIN_ROWS = 3  # triangles spanning at least this many pixel rows are scanned in row spans
 
 
@@ -113,7 +115,7 @@ def _visible_triangles(pos_clip: torch.Tensor, tris: torch.Tensor, height: int, 
     sx, sy, sz, w = _to_screen(pos_clip, height, width)
     # per-triangle screen data, corner-major [3, B*F] per quantity; triangle t = b * F + f
     offsets = torch.arange(batch, device=device) * pos_clip.shape[1]
-    corner = (tris.T.contiguous()[:, None, :] + offsets[None, :, None]).reshape(-1)
+    corner = (tris.T[:, None, :] + offsets[None, :, None]).reshape(-1)  # the add makes it contiguous
     tx, ty, tz = (a.reshape(-1).index_select(0, corner).view(3, -1) for a in (sx, sy, sz))
     area = (tx[1] - tx[0]) * (ty[2] - ty[0]) - (tx[2] - tx[0]) * (ty[1] - ty[0])
     ok = area != 0
@@ -142,18 +144,27 @@ def _visible_triangles(pos_clip: torch.Tensor, tris: torch.Tensor, height: int, 
         tri = {  # indexed by t = b * F + f
             "x": tx.unbind(0), "y": ty.unbind(0), "z": tz.unbind(0), "area": area, "sign": torch.sign(area),
             "extent": extent, "z_low": _sortable_float(torch.nan_to_num(z_low, nan=-float("inf"))),
-            "face": index % n_faces, "row0": index // n_faces * height,  # batch * H
+            # face and batch * H of t without integer division (slow on CPU)
+            "face": index if batch == 1 else torch.arange(n_faces, device=device).repeat(batch),
+            "row0": (torch.zeros_like(index) if batch == 1 else
+                     (torch.arange(batch, device=device) * height).repeat_interleave(n_faces)),
             "x0": x0, "x1": x1, "y0": y0, "rows": rows, "box_w": box_w,
         }
         # Front faces (negative screen area for counter-clockwise outward triangles: y points down)
         # first, so that most back faces of a closed mesh are skipped by the depth bound.  Any winding
         # gives the same result; only the amount of skipped work changes.
-        front = area < 0
-        for owner, px, py in _candidates(tri, (live & front).nonzero().squeeze(1)):
-            _test_pixels(keys, tri, owner, px, py, height, width, cull=False)
-        back = _drop_hidden_small(keys, tri, (live & ~front).nonzero().squeeze(1), width)
-        for owner, px, py in _candidates(tri, back):
-            _test_pixels(keys, tri, owner, px, py, height, width, cull=True)
+        # With few candidate pairs in all, one pass over every live triangle costs less than the
+        # fixed overhead of the two passes and the depth bound (same result either way).
+        if int((rows * box_w).sum()) <= _ONE_PASS_PAIRS:
+            for owner, px, py in _candidates(tri, live.nonzero().squeeze(1)):
+                _test_pixels(keys, tri, owner, px, py, height, width, cull=False)
+        else:
+            front = area < 0
+            for owner, px, py in _candidates(tri, (live & front).nonzero().squeeze(1)):
+                _test_pixels(keys, tri, owner, px, py, height, width, cull=False)
+            back = _drop_hidden_small(keys, tri, (live & ~front).nonzero().squeeze(1), width)
+            for owner, px, py in _candidates(tri, back):
+                _test_pixels(keys, tri, owner, px, py, height, width, cull=True)
     face = torch.where(keys == _INT64_MAX, -1, keys & 0xFFFFFFFF)
     return face.view(batch, height, width)
 
@@ -362,10 +373,12 @@ def rasterize(pos_clip: torch.Tensor, tris: torch.Tensor, resolution: tuple[int,
     flat = face.reshape(-1)
     idx = (flat >= 0).nonzero().squeeze(1)
     f = flat.index_select(0, idx)
-    b = idx // (height * width)
-    pix = idx % (height * width)
-    ndc_x = (2 * (pix % width) + 1).to(pos_clip.dtype) / width - 1
-    ndc_y = (2 * (pix // width) + 1).to(pos_clip.dtype) / height - 1
+    if batch == 1:  # no integer division (slow on CPU) when there is one view
+        b, pix = torch.zeros_like(idx), idx
+    else:
+        b = idx // (height * width)
+        pix = idx % (height * width)
+    ndc_x, ndc_y = (t.index_select(0, pix) for t in _pixel_ndc(height, width, pos_clip.dtype, pos_clip.device))
     n_verts = pos_clip.shape[1]
     corner_index = _corner_index(tris, f, b * n_verts)
     # 1-D index_select from contiguous component rows (not fancy indexing, not a strided gather):
@@ -376,6 +389,22 @@ def rasterize(pos_clip: torch.Tensor, tris: torch.Tensor, resolution: tuple[int,
     values = torch.stack([u, v, z, (f + 1).to(pos_clip.dtype)], 1)  # [N, 4]
     out = pos_clip.new_zeros(batch * height * width, 4).index_copy(0, idx, values)
     return out.view(batch, height, width, 4)
+
+
+_NDC_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _pixel_ndc(height: int, width: int, dtype: torch.dtype, device: torch.device):
+    """NDC x and y ``[H * W]`` of every pixel centre (row-major), cached per size, dtype and device."""
+    key = (height, width, dtype, device)
+    hit = _NDC_CACHE.get(key)
+    if hit is None:
+        pix = torch.arange(height * width, device=device)
+        hit = ((2 * (pix % width) + 1).to(dtype) / width - 1, (2 * (pix // width) + 1).to(dtype) / height - 1)
+        if len(_NDC_CACHE) >= 8:
+            _NDC_CACHE.pop(next(iter(_NDC_CACHE)))
+        _NDC_CACHE[key] = hit
+    return hit
 
 
 def _corner_index(tris: torch.Tensor, face: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -639,7 +668,8 @@ def _silhouette_crossings(rast: torch.Tensor, pos_clip: torch.Tensor, tris: torc
     n_edges, n_verts = p.numel(), pos_clip.shape[1]
     sx, sy, sz, w = _to_screen(pos_clip, height, width)
     # one gather for x, y, w of the four vertices of every edge and view: [3, 4 (p, q, r, s), B, E]
-    corner = (quad[:, None, :] + (torch.arange(batch, device=device) * n_verts)[None, :, None]).reshape(-1)
+    corner = quad.reshape(-1) if batch == 1 else (
+        quad[:, None, :] + (torch.arange(batch, device=device) * n_verts)[None, :, None]).reshape(-1)
     (px, qx, rx, s_x), (py, qy, ry, s_y) = (
         a.reshape(-1).index_select(0, corner).view(4, batch, n_edges) for a in (sx, sy))
     dx, dy = qx - px, qy - py
@@ -652,7 +682,10 @@ def _silhouette_crossings(rast: torch.Tensor, pos_clip: torch.Tensor, tris: torc
     flat_sel = ok.view(-1).nonzero().squeeze(1)  # b * E + e, in (b, e) order
     if flat_sel.numel() == 0:
         return None
-    b_idx, e_idx = flat_sel // n_edges, flat_sel % n_edges
+    if batch == 1:  # no integer division (slow on CPU) when there is one view
+        b_idx, e_idx = torch.zeros_like(flat_sel), flat_sel
+    else:
+        b_idx, e_idx = flat_sel // n_edges, flat_sel % n_edges
     ep, eq = p.index_select(0, e_idx), q.index_select(0, e_idx)
     x0, y0, x1, y1 = (a.reshape(-1).index_select(0, flat_sel) for a in (px, py, qx, qy))
     inside = side_r.reshape(-1).index_select(0, flat_sel)
@@ -709,9 +742,13 @@ def _silhouette_crossings(rast: torch.Tensor, pos_clip: torch.Tensor, tris: torc
     pair = torch.minimum(pix_a, pix_b) * 2 + hor.long()
     cross_s = cross.index_select(0, sel)
     toward_b = torch.where(a_is_low, cross_s, -cross_s)
-    pair_ids, pair_of = torch.unique(pair, return_inverse=True)
     key = (_sortable_float(toward_b) << 32) | (torch.iinfo(torch.int32).max - torch.arange(sel.numel(), device=device))
-    best = torch.full((pair_ids.numel(),), torch.iinfo(torch.int64).min, dtype=torch.long, device=device)
+    if 2 * batch * height * width <= _DENSE_PAIRS:  # small image: a dense per-pair buffer beats unique's sort
+        n_pairs, pair_of = 2 * batch * height * width, pair
+    else:
+        pair_ids, pair_of = torch.unique(pair, return_inverse=True)
+        n_pairs = pair_ids.numel()
+    best = torch.full((n_pairs,), torch.iinfo(torch.int64).min, dtype=torch.long, device=device)
     best.scatter_reduce_(0, pair_of, key, reduce="amax")
     win = (best.index_select(0, pair_of) == key).nonzero().squeeze(1)
     sel_owner = owner.index_select(0, sel.index_select(0, win))
