@@ -1,4 +1,4 @@
-"""Figures and views of the knee notebook: regional bars, shape-model sections and table, k3d meshes."""
+"""Figures and views of the notebooks: regional bars, shape-model sections and table, k3d meshes, reconstruction."""
 
 from __future__ import annotations
 
@@ -72,3 +72,32 @@ def test_saved_fits_are_read_back_with_their_meshes_and_tabled(tmp_path):
     assert len(fit.reconstructions["femur"].vertices) == len(sphere.vertices)
     table = nsm_html([fit])
     assert "<td>0.610</td>" in table and "<td>1.370</td>" in table and "<td>–</td>" in table  # no B-score
+
+
+def test_reconstruction_views_table_and_loss_curves(tmp_path):
+    from workbench.display import recon_metrics_html
+    from workbench.figures import loss_curves
+    from workbench.recon.mesh import write_ply
+    from workbench.viewer3d import recon_layers
+
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    colours = np.zeros((len(sphere.vertices), 3), np.uint8)
+    colours[:, 0] = 255  # red base colour
+    (tmp_path / "nvdiffrec").mkdir()
+    write_ply(tmp_path / "nvdiffrec" / "mesh.ply", sphere.vertices, sphere.faces, colours)
+    (layer,) = recon_layers(tmp_path / "nvdiffrec")
+    assert layer.name == "nvdiffrec" and (layer.vertex_colours == 0xFF0000).all()
+    (mesh,) = mesh_plot([layer]).objects
+    assert len(mesh.colors) == len(sphere.vertices) and mesh.indices.shape == (len(sphere.faces), 3)
+    training = {"passes": {"pass1": {"iterations": 100, "seconds": 12.0, "loss_curve": [[0, 0.3], [99, 0.02]]},
+                           "pass2": {"iterations": 20, "seconds": 2.0, "loss_curve": [[0, 0.02], [19, 0.01]]}},
+                "vertices": 642, "triangles": 1280, "watertight": True}
+    metrics = {"model": "nvdiffrec", "training": training, "test_views": {"psnr": 31.25, "ssim": 0.95, "n_views": 4},
+               "geometry": {"fscore_1": 0.93, "fscore_0.5": 0.81, "chamfer_l1_rel": 0.0031, "genus": 1,
+                            "gt_genus": 1}}
+    html = recon_metrics_html(metrics)
+    assert "31.25" in html and "0.930" in html and "1 (1)" in html and "pass2: iterations, seconds" in html
+    fig = loss_curves(training)
+    (ax,) = fig.axes
+    first, second = ax.get_lines()
+    assert list(second.get_xdata()) == [100, 119]  # pass 2 continues after pass 1's iterations
