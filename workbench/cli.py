@@ -247,9 +247,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         options = recon_parameters(args)
         validated = parse_options(ReconOptions, options)
         from workbench.config import recon_job_config
-        from workbench.recon.nvdiffrec_config import NvdiffrecConfig
 
-        NvdiffrecConfig.from_dict(recon_job_config(validated)["nvdiffrec"])  # bad --set keys: exit 2 now
+        recon_job_config(validated)  # bad --set keys: exit 2 before anything is written
     else:
         options = knee_parameters(args)
         validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written

@@ -200,16 +200,26 @@ def knee_job_config(options: KneeOptions, base: dict[str, Any] | None = None) ->
     if isinstance(config.get("t2"), dict):
         config["t2"]["mode"] = options.t2
     config["device"] = options.device
-    if options.timeout_s is not None:
-        config["timeouts"]["run_s"] = options.timeout_s
-    for name, seconds in options.step_timeouts.items():
-        config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+    set_timeouts(config, options.timeout_s, options.step_timeouts)
     apply_overrides(config, options.overrides)
+    cap_step_timeouts(config)
+    return config
+
+
+def set_timeouts(config: dict[str, Any], timeout_s: float | None, step_timeouts: dict[str, float]) -> None:
+    """The run's limit (``timeouts.run_s``) and per-step limits (``timeouts.<step>_s``) from the options."""
+    if timeout_s is not None:
+        config["timeouts"]["run_s"] = timeout_s
+    for name, seconds in step_timeouts.items():
+        config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+
+
+def cap_step_timeouts(config: dict[str, Any]) -> None:
+    """Lower every step's limit to the run's: a step can never outlive its run."""
     run_s = config["timeouts"].get("run_s")
     for key, seconds in config["timeouts"].items():
         if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
-            config["timeouts"][key] = run_s  # a step can never outlive its run
-    return config
+            config["timeouts"][key] = run_s
 
 
 def nsm_models(nsm_type: str) -> list[str]:
@@ -289,6 +299,7 @@ def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) 
     apply.  ``nvdiffrec.*`` keys may be any field of
     :class:`workbench.recon.nvdiffrec_config.NvdiffrecConfig`, set or not in the file;
     a bare key that is not a top-level key (``iter``) means the model's (``nvdiffrec.iter``).
+    The model section is validated here (CONFIG_ERROR names a bad key).
     """
     config = copy.deepcopy(base if base is not None else load_base_config("recon"))
     for key in ("input", "timeouts", "presets"):
@@ -305,18 +316,15 @@ def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) 
     if options.resolution is not None:
         config["input"]["resolution"] = options.resolution
     config["device"] = options.device
-    if options.timeout_s is not None:
-        config["timeouts"]["run_s"] = options.timeout_s
-    for name, seconds in options.step_timeouts.items():
-        config["timeouts"][f"{name.removesuffix('_s')}_s"] = seconds
+    set_timeouts(config, options.timeout_s, options.step_timeouts)
     # upstream's bare key names (`--set iter=800`) are short for the model section's (`nvdiffrec.iter`)
     overrides = {(k if "." in k or k in config else f"{config['model']}.{k}"): v for k, v in options.overrides.items()}
     section_overrides = {k: v for k, v in overrides.items() if k.startswith("nvdiffrec.")}
     for dotted, value in section_overrides.items():  # any NvdiffrecConfig field, present in the file or not
         config["nvdiffrec"][dotted.split(".", 1)[1]] = yaml.safe_load(value) if isinstance(value, str) else value
     apply_overrides(config, {k: v for k, v in overrides.items() if k not in section_overrides})
-    run_s = config["timeouts"].get("run_s")
-    for key, seconds in config["timeouts"].items():
-        if key != "run_s" and run_s is not None and seconds is not None and seconds > run_s:
-            config["timeouts"][key] = run_s
+    cap_step_timeouts(config)
+    from workbench.recon.nvdiffrec_config import NvdiffrecConfig
+
+    NvdiffrecConfig.from_dict(config["nvdiffrec"])  # unknown or out-of-range model keys: CONFIG_ERROR here
     return config

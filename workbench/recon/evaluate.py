@@ -14,17 +14,13 @@ import numpy as np
 import torch
 
 from workbench.errors import InvalidFormat
+from workbench.io.multiview import linear_to_srgb, srgb_to_linear
 from workbench.recon import mesh as meshes
 from workbench.recon import metrics
 from workbench.recon.material import TextureMaterial
-from workbench.recon.nvdiffrec import SurfaceMesh, render, srgb_from_linear
+from workbench.recon.nvdiffrec import SurfaceMesh, render
 from workbench.recon.render import light as lights
 from workbench.recon.render.raster import backend
-
-
-def linear_from_srgb(x: np.ndarray) -> np.ndarray:
-    """Inverse of the sRGB transfer function."""
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
 
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu", env_res: int = 32):
@@ -44,17 +40,13 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu", env_re
     faces = np.asarray(faces, dtype=np.int64)
     if uvs is None:
         raise InvalidFormat(f"{folder / 'mesh.obj'} has no texture coordinates", "Export with textures.")
-    uvs = np.asarray(uvs, dtype=np.float32)
-    if uv_faces is not None and len(uvs) != len(verts):  # split positions onto the UV vertices
-        split = np.zeros((len(uvs), 3), dtype=np.float32)
-        split[np.asarray(uv_faces).reshape(-1)] = verts[faces.reshape(-1)]
-        verts, faces = split, np.asarray(uv_faces, dtype=np.int64)
+    uvs = np.asarray(uvs, dtype=np.float32)  # one per vertex: load_mesh splits vertices at UV seams
 
     def read(name: str) -> torch.Tensor:
         img = np.asarray(Image.open(folder / name).convert("RGB"), dtype=np.float32) / 255.0
         return torch.from_numpy(img)[None].to(device)
 
-    kd = torch.from_numpy(linear_from_srgb(read("texture_kd.png").cpu().numpy()).astype(np.float32)).to(device)
+    kd = srgb_to_linear(read("texture_kd.png"))
     ks = read("texture_ks.png")
     normal = read("texture_n.png") * 2.0 - 1.0
     tex = TextureMaterial(kd, ks, normal)
@@ -89,7 +81,7 @@ def render_test_views(folder: str | Path, dataset, near: float = 0.1, far: float
             background = torch.zeros(len(idx), height, width, 3, device=device)
             out = render(surface, material, light, mvp[idx], campos[idx], (height, width), background, raster)
             alpha = out["alpha"].clamp(0, 1)
-            rgb = srgb_from_linear(out["rgb"] / alpha.clamp(min=1e-6)).clamp(0, 1) * (alpha > 0)
+            rgb = linear_to_srgb(out["rgb"] / alpha.clamp(min=1e-6)) * (alpha > 0)
             images.extend(torch.cat([rgb, alpha], dim=-1).cpu().numpy())
     return images
 
@@ -102,7 +94,7 @@ def evaluate(folder: str | Path, test_dataset=None, gt_mesh: str | Path | None =
     result: dict[str, Any] = {}
     if test_dataset is not None:
         predicted = render_test_views(folder, test_dataset, device=device)
-        reference = [np.concatenate([srgb_from_linear(torch.from_numpy(img[..., :3])).numpy(), img[..., 3:4]], -1)
+        reference = [np.concatenate([linear_to_srgb(img[..., :3]), img[..., 3:4]], -1)
                      for img in test_dataset.images.cpu().numpy()]
         result["test_views"] = metrics.image_metrics(predicted, reference)
         result["test_views"]["n_views"] = len(predicted)

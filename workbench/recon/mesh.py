@@ -28,7 +28,8 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _safe_normalize(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
+def safe_normalize(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
+    """Unit vectors along the last axis; zero vectors stay finite (no NaN in values or gradients)."""
     return x / torch.sqrt(torch.clamp((x * x).sum(dim=-1, keepdim=True), min=eps))
 
 
@@ -58,7 +59,7 @@ def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         float [F, 3] (zero-area faces give a zero vector).
     """
     v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    return _safe_normalize(torch.cross(v1 - v0, v2 - v0, dim=-1))
+    return safe_normalize(torch.cross(v1 - v0, v2 - v0, dim=-1))
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         acc = acc.index_add(0, faces[:, k], fn)
     length2 = (acc * acc).sum(dim=-1, keepdim=True)
     fallback = torch.tensor([0.0, 0.0, 1.0], dtype=verts.dtype, device=verts.device).expand_as(acc)
-    return torch.where(length2 > 1e-20, _safe_normalize(acc), fallback)
+    return torch.where(length2 > 1e-20, safe_normalize(acc), fallback)
 
 
 # ----------------------------------------------------------------------------- Laplacian
@@ -306,7 +307,7 @@ def compute_tangents(
     safe = torch.where(ok, denom, torch.ones_like(denom))
     tan = (e1 * d2[:, 1:2] - e2 * d1[:, 1:2]) / safe[:, None]
     area = torch.linalg.norm(torch.cross(e1, e2, dim=-1), dim=-1, keepdim=True)
-    tan = _safe_normalize(tan) * area * ok[:, None].to(tan.dtype)
+    tan = safe_normalize(tan) * area * ok[:, None].to(tan.dtype)
     acc = torch.zeros_like(verts)
     for k in range(3):
         acc = acc.index_add(0, faces[:, k], tan)
@@ -315,9 +316,9 @@ def compute_tangents(
     # Fallback: cross the normal with the coordinate axis it is least aligned with.
     axes = torch.eye(3, dtype=verts.dtype, device=verts.device)
     least = axes[normals.abs().argmin(dim=-1)]
-    fallback = _safe_normalize(torch.cross(normals, least, dim=-1))
+    fallback = safe_normalize(torch.cross(normals, least, dim=-1))
     length2 = (acc * acc).sum(dim=-1, keepdim=True)
-    return torch.where(length2 > 1e-20, _safe_normalize(acc), fallback)
+    return torch.where(length2 > 1e-20, safe_normalize(acc), fallback)
 
 
 def unwrap_uv(verts, faces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from workbench.errors import ReconstructionFailed
+from workbench.io.multiview import linear_to_srgb
 from workbench.recon import dmtet
 from workbench.recon import mesh as meshes
 from workbench.recon.material import MaterialMLP, TextureMaterial, bake_textures
@@ -76,7 +77,10 @@ class SurfaceMesh:
 
 # --------------------------------------------------------------------------- rendering
 def srgb_from_linear(x: torch.Tensor) -> torch.Tensor:
-    """The sRGB transfer function (inputs clamped at 0)."""
+    """The sRGB transfer function, clamped at 0 but not at 1 (the HDR tonemap needs values above 1).
+
+    For 8-bit images use :func:`workbench.io.multiview.linear_to_srgb`, which clamps to [0, 1].
+    """
     x = x.clamp(min=0.0)
     return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
 
@@ -108,10 +112,6 @@ def make_background(kind: str, batch: int, height: int, width: int, device, gene
     return checks[None, ..., None].expand(batch, height, width, 3).contiguous()
 
 
-def _normalize(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
-    return x / torch.sqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=eps))
-
-
 def render(surface: SurfaceMesh, material: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
            light: lights.EnvironmentLight, mvp: torch.Tensor, campos: torch.Tensor,
            resolution: tuple[int, int], background: torch.Tensor, raster=None,
@@ -139,20 +139,20 @@ def render(surface: SurfaceMesh, material: Callable[[torch.Tensor, torch.Tensor 
     rast = raster.rasterize(pos_clip, surface.faces, resolution)
     mask = rast[..., 3] > 0
     gb_pos = raster.interpolate(surface.verts[None], rast, surface.faces)
-    gb_nrm = _normalize(raster.interpolate(surface.normals[None], rast, surface.faces))
+    gb_nrm = meshes.safe_normalize(raster.interpolate(surface.normals[None], rast, surface.faces))
     points = gb_pos[mask]
     uv = raster.interpolate(surface.uvs[None], rast, surface.faces)[mask] if surface.uvs is not None else None
     values = material(points, uv)
     kd, ks, tangent_normal = values[:, 0:3], values[:, 3:6], values[:, 6:9]
     normal = gb_nrm[mask]
-    view = _normalize(campos[:, None, None, :].expand_as(gb_pos)[mask] - points)
+    view = meshes.safe_normalize(campos[:, None, None, :].expand_as(gb_pos)[mask] - points)
     normal = torch.where(((normal * view).sum(-1, keepdim=True) < 0), -normal, normal)  # two-sided
     if surface.tangents is not None:
-        tangent = _normalize(raster.interpolate(surface.tangents[None], rast, surface.faces)[mask])
-        tangent = _normalize(tangent - normal * (tangent * normal).sum(-1, keepdim=True))
+        tangent = meshes.safe_normalize(raster.interpolate(surface.tangents[None], rast, surface.faces)[mask])
+        tangent = meshes.safe_normalize(tangent - normal * (tangent * normal).sum(-1, keepdim=True))
         bitangent = torch.cross(normal, tangent, dim=-1)
-        t_n = _normalize(tangent_normal)
-        normal = _normalize(tangent * t_n[:, 0:1] + bitangent * t_n[:, 1:2] + normal * t_n[:, 2:3])
+        t_n = meshes.safe_normalize(tangent_normal)
+        normal = meshes.safe_normalize(tangent * t_n[:, 0:1] + bitangent * t_n[:, 1:2] + normal * t_n[:, 2:3])
     shaded = light.shade(points[None, None], normal[None, None], kd[None, None], ks[None, None],
                          _campos_per_point(campos, mask)[None, None])[0, 0]
     rgb = background.clone()
@@ -308,7 +308,8 @@ class Nvdiffrec:
             log.iterations = it + 1
             if it % max(1, cfg.iter // 50) == 0 or it == cfg.iter - 1:
                 log.loss_curve.append((it, float(loss.detach())))
-                progress((it + 1) / cfg.iter, f"pass 1 (DMTet): iteration {it + 1}/{cfg.iter}, loss {log.loss_curve[-1][1]:.4f}")
+                progress((it + 1) / cfg.iter,
+                         f"pass 1 (DMTet): iteration {it + 1}/{cfg.iter}, loss {log.loss_curve[-1][1]:.4f}")
         log.seconds = time.perf_counter() - start
         log.final_loss = log.loss_curve[-1][1] if log.loss_curve else float("nan")
         with torch.no_grad():
@@ -393,7 +394,8 @@ class Nvdiffrec:
             log.iterations = it + 1
             if it % max(1, n_iter // 50) == 0 or it == n_iter - 1:
                 log.loss_curve.append((it, float(loss.detach())))
-                progress((it + 1) / n_iter, f"pass 2 (textures): iteration {it + 1}/{n_iter}, loss {log.loss_curve[-1][1]:.4f}")
+                progress((it + 1) / n_iter,
+                         f"pass 2 (textures): iteration {it + 1}/{n_iter}, loss {log.loss_curve[-1][1]:.4f}")
         log.seconds = time.perf_counter() - start
         log.final_loss = log.loss_curve[-1][1] if log.loss_curve else float("nan")
         with torch.no_grad():
@@ -528,7 +530,7 @@ def write_preview(path: Path, surface: SurfaceMesh, material, light, views, idx,
         ref = views["images"][idx]
         ref_rgb = ref[..., :3] * ref[..., 3:4] + (1 - ref[..., 3:4])
         rows = torch.cat([torch.cat(list(out["rgb"]), dim=1), torch.cat(list(ref_rgb), dim=1)], dim=0)
-        img = (srgb_from_linear(rows).clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
+        img = (linear_to_srgb(rows) * 255 + 0.5).byte().cpu().numpy()
     Image.fromarray(img).save(path)
 
 
@@ -538,9 +540,9 @@ def export(out_dir: Path, surface: SurfaceMesh, tex: TextureMaterial, light: lig
     with torch.no_grad():
         kd = tex.kd[0].clamp(0, 1)
         textures = {
-            "kd": srgb_from_linear(kd).clamp(0, 1).cpu().numpy(),
+            "kd": linear_to_srgb(kd).cpu().numpy(),
             "ks": tex.ks[0].clamp(0, 1).cpu().numpy(),
-            "n": (_normalize(tex.normal[0]) * 0.5 + 0.5).clamp(0, 1).cpu().numpy(),
+            "n": (meshes.safe_normalize(tex.normal[0]) * 0.5 + 0.5).clamp(0, 1).cpu().numpy(),
         }
         normals = surface.normals if surface.normals is not None else meshes.vertex_normals(surface.verts,
                                                                                          surface.faces)
@@ -554,7 +556,7 @@ def export(out_dir: Path, surface: SurfaceMesh, tex: TextureMaterial, light: lig
         counts = torch.zeros(len(unique_verts), 1, device=kd_split.device)
         kd_unique.index_add_(0, vmapping, kd_split)
         counts.index_add_(0, vmapping, torch.ones_like(kd_split[:, :1]))
-        colours = srgb_from_linear(kd_unique / counts.clamp(min=1)).clamp(0, 1)
+        colours = linear_to_srgb(kd_unique / counts.clamp(min=1))
         meshes.write_ply(out_dir / "mesh.ply", unique_verts.cpu().numpy(), geometry_faces.cpu().numpy(),
                          (colours.cpu().numpy() * 255 + 0.5).astype(np.uint8))
 

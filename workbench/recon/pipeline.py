@@ -54,10 +54,7 @@ def run_recon(
     """
     if not isinstance(options, ReconOptions):
         options = parse_options(ReconOptions, dict(options))
-    config = recon_job_config(options)
-    from workbench.recon.nvdiffrec_config import NvdiffrecConfig
-
-    NvdiffrecConfig.from_dict(config["nvdiffrec"])  # CONFIG_ERROR before any step runs
+    config = recon_job_config(options)  # CONFIG_ERROR before any step runs
     device = resolve_device(options.device)
     run_dir = Path(run_dir) if run_dir else new_run_dir("recon")
     models = list(MODEL_SEQUENCES[options.model])

@@ -61,9 +61,10 @@ def _load_test(images: str, resolution: int | None):
 def _contact_sheet(images: np.ndarray, n: int = 8) -> np.ndarray:
     """Up to ``n`` linear RGBA views over white, side by side, as sRGB uint8."""
     picks = images[np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)]
+    from workbench.io.multiview import linear_to_srgb
+
     rgb = picks[..., :3] * picks[..., 3:4] + (1 - picks[..., 3:4])
-    srgb = np.where(rgb <= 0.0031308, 12.92 * rgb, 1.055 * np.clip(rgb, 0.0031308, None) ** (1 / 2.4) - 0.055)
-    return (np.concatenate(list(srgb), axis=1).clip(0, 1) * 255 + 0.5).astype(np.uint8)
+    return (np.concatenate(list(linear_to_srgb(rgb)), axis=1) * 255 + 0.5).astype(np.uint8)
 
 
 MODEL_FILES = {
