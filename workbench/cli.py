@@ -181,10 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic sample (default 0)")
 
     # report ---------------------------------------------------------------------------
-    report = sub.add_parser("report", help="(re)build the HTML report of a run",
-                            epilog="examples:\n  workbench report outputs/20261125-101500-knee-1a2b3c",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("run_dir", help="a run folder holding report.ipynb")
+    report = sub.add_parser(
+        "report", help="(re)build the HTML report of a run, or the gallery of all runs in a folder",
+        description="Rebuild a run folder's report.html (and thumbnail.png) from its report.ipynb, or, with "
+                    "--index, write DIR/index.html: an offline, sortable gallery of every run folder under DIR.",
+        epilog="examples:\n  workbench report outputs/20261125-101500-knee-1a2b3c\n"
+               "  workbench report --index outputs          # writes outputs/index.html\n"
+               "  workbench report outputs/my-run --index outputs\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", nargs="?", help="a run folder holding report.ipynb")
+    report.add_argument("--index", metavar="DIR",
+                        help="write DIR/index.html, a gallery of the run folders under DIR (up to 3 levels down)")
     return parser
 
 
@@ -238,27 +245,18 @@ def recon_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.config import KneeOptions, ReconOptions, parse_options
-    from workbench.gpu import resolve_device
+    from workbench.config import notebook_timeout_s, validate_job
     from workbench.notebook import run_job
     from workbench.runner import new_run_dir
 
-    if args.pipeline == "recon":
-        options = recon_parameters(args)
-        validated = parse_options(ReconOptions, options)
-        from workbench.config import recon_job_config
-
-        recon_job_config(validated)  # bad --set keys: exit 2 before anything is written
-    else:
-        options = knee_parameters(args)
-        validated = parse_options(KneeOptions, options)  # CONFIG_ERROR (exit 2) before anything is written
-    resolve_device(validated.device)
+    options = recon_parameters(args) if args.pipeline == "recon" else knee_parameters(args)
+    validated = validate_job(args.pipeline, options)  # CONFIG_ERROR (exit 2) before anything is written
     run_dir = Path(args.out) if args.out else new_run_dir(args.pipeline)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} is not empty", "Give a new or empty folder, or leave --out out.")
     print(f"run folder: {run_dir.resolve()}", file=sys.stderr)
-    notebook_timeout = (validated.timeout_s or (1800 if args.pipeline == "knee" else 4 * 3600)) + 120
-    result = run_job(args.pipeline, options, run_dir, timeout_s=notebook_timeout, report=not args.no_report)
+    result = run_job(args.pipeline, options, run_dir, timeout_s=notebook_timeout_s(args.pipeline, validated),
+                     report=not args.no_report)
     if result["status"] == "ok":
         print(f"ok: {len(result['steps'])} steps in {result['seconds']:.1f} s", file=sys.stderr)
         report = run_dir / "report.html"
@@ -358,9 +356,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from workbench.notebook import build_report
+    if not args.run_dir and not args.index:
+        raise ConfigError("Give a run folder, --index DIR, or both",
+                          "e.g. `workbench report outputs/my-run` or `workbench report --index outputs`.")
+    if args.run_dir:
+        from workbench.notebook import build_report
 
-    print(build_report(Path(args.run_dir)))
+        print(build_report(Path(args.run_dir)))
+    if args.index:
+        from workbench.ui.gallery import write_index
+
+        print(write_index(Path(args.index)))
     return EXIT_OK
 
 

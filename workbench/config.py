@@ -328,3 +328,32 @@ def recon_job_config(options: ReconOptions, base: dict[str, Any] | None = None) 
 
     NvdiffrecConfig.from_dict(config["nvdiffrec"])  # unknown or out-of-range model keys: CONFIG_ERROR here
     return config
+
+
+# --------------------------------------------------------------------------- jobs
+#: The options class of each pipeline (what CLI flags, notebook parameters and launcher widgets produce).
+OPTIONS_CLASSES: dict[str, type[BaseModel]] = {"knee": KneeOptions, "recon": ReconOptions}
+
+
+def validate_job(pipeline: str, options: dict[str, Any]) -> BaseModel:
+    """Validate a job's options and its job config before anything is written (CONFIG_ERROR names the problem).
+
+    What ``workbench run`` and the launcher both call before starting a run.
+    """
+    from workbench.gpu import resolve_device
+
+    if pipeline not in OPTIONS_CLASSES:
+        raise ConfigError(f"Unknown pipeline {pipeline!r}; allowed: {', '.join(OPTIONS_CLASSES)}")
+    validated = parse_options(OPTIONS_CLASSES[pipeline], options)
+    if pipeline == "recon":
+        recon_job_config(validated)  # bad --set keys
+    else:
+        knee_job_config(validated)
+    resolve_device(validated.device)
+    return validated
+
+
+def notebook_timeout_s(pipeline: str, validated: BaseModel) -> float:
+    """A backstop for a hung notebook kernel: the run's own limit (or a generous default) plus two minutes."""
+    return (getattr(validated, "timeout_s", None) or (1800 if pipeline == "knee" else 4 * 3600)) + 120
+

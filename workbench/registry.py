@@ -110,12 +110,31 @@ class PipelineSpec:
         notebook: the parameterized notebook under ``notebooks/``.
         description: one line for ``--help``.
         extra_choices: option values that are not single models (``nsm_type``: ``none``, ``both``).
+        options: ``"module:Class"`` of the pipeline's options (a pydantic model; the launcher's fields).
+        input_option: the option that names the input (``input``, ``images``).
+        sample: ``"module:function"`` taking a folder, writing the bundled sample there and returning the
+            options that run it (the launcher's "use the sample" button).
     """
 
     name: str
     notebook: str
     description: str
     extra_choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    options: str = ""
+    input_option: str = "input"
+    sample: str | None = None
+
+    def options_class(self) -> Any:
+        """The pipeline's options class (imported on first use)."""
+        module_name, _, attr = self.options.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def write_sample(self, folder: Any) -> dict[str, Any]:
+        """Write the pipeline's sample into ``folder``; return the options that run it."""
+        if not self.sample:
+            raise ConfigError(f"Pipeline {self.name!r} has no bundled sample")
+        module_name, _, attr = self.sample.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(folder)
 
 
 class Registry:
@@ -166,6 +185,9 @@ REGISTRY.add_pipeline(PipelineSpec(
     notebook="knee_mri.ipynb",
     description="Knee MRI: segmentation, meshes, cartilage thickness, T2, shape models",
     extra_choices={"nsm_type": ("none", "both")},
+    options="workbench.config:KneeOptions",
+    input_option="input",
+    sample="workbench.data.samples:knee_sample_options",
 ))
 REGISTRY.add_model(ModelSpec(
     name="nnunet_fullres", pipeline="knee", option="segmentation_model",
@@ -196,6 +218,9 @@ REGISTRY.add_pipeline(PipelineSpec(
     name="recon",
     notebook="reconstruction.ipynb",
     description="Multi-view 3D reconstruction: posed images with masks → textured mesh, materials, light",
+    options="workbench.config:ReconOptions",
+    input_option="images",
+    sample="workbench.data.synthetic_scenes:recon_sample_options",
 ))
 REGISTRY.add_model(ModelSpec(
     name="nvdiffrec", pipeline="recon", option="model",

@@ -61,6 +61,8 @@ from workbench.progress import (
 
 #: Seconds between SIGTERM and SIGKILL when a step's process group is stopped.
 KILL_GRACE_S = 2.0
+#: A file in the run folder that asks the run to stop (another process, e.g. the launcher, writes it).
+CANCEL_FILE = "cancel.request"
 RESULT_SCHEMA_VERSION = 1
 
 
@@ -330,6 +332,7 @@ class Run:
         else:
             self.status = "failed"
         shutil.rmtree(self.run_dir / ".work", ignore_errors=True)
+        (self.run_dir / CANCEL_FILE).unlink(missing_ok=True)
         self.write_result()
         message = str(self.error) if self.error else f"{len(self.steps)} steps in {self.elapsed():.1f} s"
         self.progress.emit(ProgressEvent(RUN_END, n_steps=self.n_steps, status=self.status, message=message))
@@ -338,6 +341,10 @@ class Run:
     def cancel(self) -> None:
         """Ask the run to stop: the running step's process group is killed and the run ends CANCELLED."""
         self._cancel.set()
+
+    def cancel_requested(self) -> bool:
+        """True after :meth:`cancel`, or once another process wrote ``<run_dir>/cancel.request``."""
+        return self._cancel.is_set() or (self.run_dir / CANCEL_FILE).exists()
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -375,7 +382,7 @@ class Run:
         work_dir = self.run_dir / ".work" / f"{name}-{uuid.uuid4().hex[:8]}"
         work_dir.mkdir(parents=True)
         try:
-            if self._cancel.is_set():
+            if self.cancel_requested():
                 raise Cancelled(f"Run cancelled before step {name!r}", step=name)
             if limit is not None and limit <= 0:
                 raise StepTimeout(f"Run timeout of {self.timeout_s:.0f} s reached before step {name!r}",
@@ -460,7 +467,7 @@ class Run:
         message = None
         try:
             while True:
-                if self._cancel.is_set():
+                if self.cancel_requested():
                     kill_process_group(process.pid, process=process)
                     raise Cancelled(f"Step {name!r} was cancelled", step=name)
                 if deadline is not None and time.monotonic() >= deadline:

@@ -137,3 +137,10 @@ def write_sample(out_dir: str | Path, *, preset: str = "small", seed: int = 0, s
     paths = {key: Path(written[key]) for key in SAMPLE_KEYS}
     stamp.write_text(json.dumps({"settings": settings, "paths": {k: str(v) for k, v in paths.items()}}, indent=2))
     return paths
+
+
+def knee_sample_options(folder: str | Path) -> dict[str, str]:
+    """Write the small knee sample into ``folder``; return the knee options that run it (with its ground truth)."""
+    paths = write_sample(folder, preset="small", seed=0, name="knee_sample")
+    return {"input": str(paths["dicom"]), "ground_truth": str(paths["labels"])}
+

@@ -377,3 +377,12 @@ def sample_recon(
     if mesh is not None:
         return render_scene(load_textured_mesh(mesh), views, res, out, seed, test_views, shape=Path(mesh).stem)
     return render_scene(make_shape(shape), views, res, out, seed, test_views, shape=shape)
+
+
+def recon_sample_options(folder: str | Path) -> dict[str, str]:
+    """Write the torus sample scene (64 views at 128², 16 test views) into ``folder``, once; return its options."""
+    folder = Path(folder)
+    if not (folder / "transforms_train.json").is_file():
+        sample_recon(shape="torus", mesh=None, views=64, res=128, out=folder, test_views=16)
+    return {"images": str(folder)}
+
