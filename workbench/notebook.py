@@ -112,7 +112,17 @@ def execute_notebook(
 
 
 def build_report(run_dir: str | Path, notebook: str = "report.ipynb", html: str = "report.html") -> Path:
-    """Write ``report.html`` from the run's executed notebook: code hidden, images embedded, no prompts."""
+    """Write ``report.html`` from the run's executed notebook: code hidden, images embedded, no prompts.
+
+    When the run folder holds a ``result.json``, the report opens with a header
+    (status, pipeline, models, times, device, the error if any, the steps with
+    their seconds and peak memory, the parameters and versions); it is added to
+    the exported copy only, not to ``report.ipynb``.  ``thumbnail.png`` (at most
+    320 px wide, from the run's pictures) is written beside the report when the
+    folder has a picture.
+    """
+    import json
+
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -121,6 +131,15 @@ def build_report(run_dir: str | Path, notebook: str = "report.ipynb", html: str 
     if not source.is_file():
         raise ConfigError(f"{source} does not exist", "Is this a run folder? It needs report.ipynb.")
     nb = nbformat.read(str(source), as_version=4)
+    result_path = run_dir / "result.json"
+    result = None
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+        except ValueError:  # a torn or hand-edited file: the report without its header
+            result = None
+    if isinstance(result, dict):
+        nb.cells.insert(0, _header_cell(result, run_dir))
     exporter = HTMLExporter(template_name="workbench_report",
                             extra_template_basedirs=[str(Path(__file__).resolve().parent / "templates")])
     exporter.exclude_input = True
@@ -132,11 +151,78 @@ def build_report(run_dir: str | Path, notebook: str = "report.ipynb", html: str 
     tmp = target.with_suffix(".html.tmp")
     tmp.write_text(body, encoding="utf-8")
     os.replace(tmp, target)
+    try:
+        from workbench.ui.gallery import write_thumbnail
+
+        write_thumbnail(run_dir)
+    except Exception:  # a picture that cannot be read must not cost the report
+        pass
     return target
 
 
 def _title(run_dir: Path) -> str:
     return f"workbench run {run_dir.name}"
+
+
+def _header_cell(result: dict[str, Any], run_dir: Path):
+    """An output-only code cell showing :func:`_header_html` (its empty input is hidden in the report)."""
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell(source="", metadata={"tags": ["workbench-report-header"]})
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": _header_html(result, run_dir)})]
+    return cell
+
+
+_STATUS_COLOURS = {"ok": "#1a7f37", "failed": "#cf222e", "cancelled": "#b7791f", "timeout": "#b7791f"}
+
+
+def _header_html(result: dict[str, Any], run_dir: Path) -> str:
+    """The report's header: the run at a glance, its error, steps, parameters and versions (all text escaped)."""
+    import html
+    import json
+
+    from workbench.display import steps_html
+
+    def esc(value: Any) -> str:
+        return html.escape("–" if value is None else str(value))
+
+    def table(values: dict[str, Any]) -> str:
+        rows = "".join(
+            f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left\">"
+            f"{esc(v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str))}</td></tr>"
+            for k, v in values.items())
+        return f"<table><tbody>{rows}</tbody></table>"
+
+    status = str(result.get("status", "?"))
+    colour = _STATUS_COLOURS.get(status, "#57606a")
+    seconds = result.get("seconds")
+    overview = {
+        "pipeline": result.get("pipeline"), "models": ", ".join(result.get("models") or []) or None,
+        "started": result.get("started"), "ended": result.get("ended"),
+        "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else seconds, "device": result.get("device"),
+    }
+    rows = "".join(f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left\">{esc(v)}</td></tr>"
+                   for k, v in overview.items())
+    status_row = (f"<tr><th style=\"text-align:left\">status</th><td style=\"text-align:left;font-weight:bold;"
+                  f"color:{colour}\">{esc(status)}</td></tr>")
+    parts = [f"<h2>Run {esc(run_dir.name)}</h2>", f"<table><tbody>{status_row}{rows}</tbody></table>"]
+    error = result.get("error")
+    if error:
+        message = str(error.get("message") or "").strip().splitlines()
+        parts.append(
+            f"<div style=\"border-left:4px solid {_STATUS_COLOURS['failed']};padding:0.3em 0.8em;margin:0.8em 0\">"
+            f"<p><b>error {esc(error.get('code'))}</b>: {esc(message[0] if message else '')}</p>"
+            f"<p><i>hint:</i> {esc(error.get('hint') or '')}</p>"
+            f"<p><i>step:</i> {esc(error.get('step'))}</p></div>")
+    parts.append("<h3>Steps</h3>")
+    parts.append(steps_html(result) if result.get("steps") else "<p>No step ran.</p>")
+    parameters = result.get("parameters")
+    if parameters:
+        parts += ["<h3>Parameters</h3>", table(parameters)]
+    versions = result.get("versions")
+    if versions:
+        parts += ["<h3>Versions</h3>", table(versions)]
+    return "<div class=\"workbench-report-header\">" + "\n".join(parts) + "</div>"
 
 
 def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
