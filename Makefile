@@ -6,11 +6,11 @@ WB     := $(VENV)/bin/workbench
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-fast bench clean help
+.PHONY: setup data browser demo test test-fast bench clean help
 
 help:
 	@echo "make demo   set up .venv, fetch the sample data and run the quickstart notebook headless"
-	@echo "make test   set up .venv and run the test suite"
+	@echo "make test   set up .venv and run the test suite (installs Debian's chromium for the browser tests)"
 	@echo "make bench  run the benchmarks in bench/"
 
 $(STAMP): pyproject.toml
@@ -26,10 +26,35 @@ setup: $(STAMP)
 data: setup
 	$(WB) data fetch
 
+# Debian's chromium (and chromium-driver) for the browser tests (tests/browser.py drives /usr/bin/chromium
+# with Playwright; no browser is downloaded).  Installed when missing and we are root; otherwise a note,
+# and the browser tests skip with the reason.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+APT_BROWSER := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+browser:
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		if [ -x "$(CHROMIUM)" ]; then \
+			echo "make browser: chromium-driver is missing (not needed by the tests); as root: $(APT_BROWSER)"; \
+		else \
+			echo "make browser: $(CHROMIUM) is missing and this is not root, so it cannot be installed;" \
+			     "the browser tests will be skipped. Install it with: sudo $(APT_BROWSER)"; \
+		fi; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make browser: no apt-get here: install chromium yourself (or set WORKBENCH_CHROMIUM);" \
+		     "without it the browser tests are skipped"; \
+	else \
+		echo "make browser: installing Debian's chromium and chromium-driver"; \
+		$(APT_BROWSER) >/dev/null || { apt-get update -qq && $(APT_BROWSER) >/dev/null; } \
+		|| echo "make browser: apt-get could not install chromium; the browser tests will be skipped"; \
+	fi
+
 demo: data
 	$(WB) demo
 
-test: data
+test: data browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
