@@ -224,12 +224,17 @@ def _print_error(error: WorkbenchError, log: Path | None = None) -> None:
         print(f"details: {log}", file=sys.stderr)
 
 
+def _absolute(path: str | None) -> str | None:
+    """A path given on the command line, made absolute (the notebook runs in the run folder)."""
+    return path if path is None or not path.strip() else str(Path(path).expanduser().resolve())
+
+
 def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The knee notebook's parameters (plain types) from parsed ``workbench run knee`` arguments."""
     return {
-        "input": args.input, "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
-        "device": args.device, "series": args.series, "model_dir": args.model_dir,
-        "ground_truth": args.ground_truth, "segmentation": args.segmentation, "t2": args.t2,
+        "input": _absolute(args.input), "segmentation_model": args.segmentation_model, "nsm_type": args.nsm_type,
+        "device": args.device, "series": args.series, "model_dir": _absolute(args.model_dir),
+        "ground_truth": _absolute(args.ground_truth), "segmentation": _absolute(args.segmentation), "t2": args.t2,
         "resample_mm": args.resample_mm, "timeout_s": args.timeout_s,
         "step_timeouts": dict(args.step_timeouts), "overrides": dict(args.overrides),
     }
@@ -238,7 +243,7 @@ def knee_parameters(args: argparse.Namespace) -> dict[str, Any]:
 def recon_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The reconstruction notebook's parameters (plain types) from parsed ``workbench run recon`` arguments."""
     return {
-        "images": args.images, "model": args.model, "preset": args.preset, "device": args.device,
+        "images": _absolute(args.images), "model": args.model, "preset": args.preset, "device": args.device,
         "resolution": args.resolution, "timeout_s": args.timeout_s,
         "step_timeouts": dict(args.step_timeouts), "overrides": dict(args.overrides),
     }

@@ -125,7 +125,9 @@ def _summary(run_dir: Path, result: dict[str, Any] | None) -> list:
 def _report(href: str) -> list:
     import ipywidgets as widgets
 
-    return [widgets.HTML(f'<a href="{html.escape(href)}" target="_blank">open the HTML report</a>')]
+    return [widgets.HTML(f'<a href="{html.escape(href)}" target="_blank" '
+                         f'style="color:#1565c0;text-decoration:underline">open the HTML report</a> '
+                         f'<span style="color:#666">({html.escape(href)})</span>')]
 
 
 def _mesh_widget(layers, colour_range=(0.0, 4.0)):
