@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from browser import canvas_not_blank, offline_browser, screenshot, skip_reason, wait_for
