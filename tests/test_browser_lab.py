@@ -137,7 +137,7 @@ def _drive(page, browser, base: str, token: str) -> None:
     link = results.locator("a", has_text="open the HTML report").first
     href = link.evaluate("a => a.href")  # JupyterLab opens a relative link to a file inside Lab
     assert href.startswith(f"{base}/lab/tree/outputs/") and href.endswith("/report.html")
-    reply = page.context.request.get(href.replace("/lab/tree/", "/files/", 1))
+    reply = page.context.request.get(href.replace("/lab/tree/", "/files/", 1) + f"?token={token}")
     assert reply.status == 200 and "status:" in reply.text() and "<script src=" not in reply.text()
 
     blocked = [u for u in browser.blocked + page.blocked if not u.startswith(base)]
