@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -260,3 +261,13 @@ def test_launcher_run_and_cancel_end_to_end(tmp_path):
     assert ui.results_box.children and "wb-done" in ui.widget._dom_classes
     assert not ui.run_button.disabled and ui.cancel_button.disabled
     assert job.process.returncode == 3
+
+
+@pytest.mark.mese
+def test_use_the_sample_fills_in_the_form(tmp_path):
+    # "use the sample" writes the bundled knee case once and passes its ground truth through
+    ui = Launcher("knee")
+    ui.use_sample()
+    options = ui.options()
+    assert Path(options["input"]).is_dir() and "DICOM folder" in ui.input_message.value
+    assert Path(options["ground_truth"]).is_file() and not ui.run_button.disabled
