@@ -68,6 +68,7 @@ bench: data
 		$(if $(PYMSKT_PYTHON),--pymskt-python $(PYMSKT_PYTHON))
 	$(PY) bench/rasterizer.py --quick --json outputs/bench_rasterizer.json
 	$(PY) bench/nvdiffrec.py --quick --json outputs/bench_nvdiffrec.json
+	$(PY) bench/interactive.py --json outputs/bench_interactive.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
