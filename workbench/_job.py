@@ -30,9 +30,11 @@ def request_cancel(run_dir: str | Path) -> None:
 
 def run_spec(spec: dict[str, Any]) -> int:
     """Run the job ``spec`` and return the exit code; errors are printed as code, message and hint."""
+    from workbench.cli import _print_error
     from workbench.config import notebook_timeout_s, validate_job
     from workbench.errors import EXIT_OK, WorkbenchError, classify, exit_code_for
     from workbench.notebook import run_job
+    from workbench.runner import record_failure
 
     pipeline, options, run_dir = spec["pipeline"], dict(spec["options"]), Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,17 +47,13 @@ def run_spec(spec: dict[str, Any]) -> int:
     except Exception as exc:  # noqa: BLE001 - reported as code, message and hint, never a traceback
         error = exc if isinstance(exc, WorkbenchError) else classify(exc)
         if not (run_dir / "result.json").exists():  # every failure ends with a result file
-            from workbench.runner import Run
-
-            run = Run(run_dir, pipeline=pipeline, parameters=options)
-            run.error = error
-            run.finish()
-        print(f"error [{error.code.value}]: {error.message}\nhint: {error.hint}", file=sys.stderr, flush=True)
+            record_failure(run_dir, pipeline=pipeline, parameters=options, error=error)
+        _print_error(error)
         return exit_code_for(error)
     if result["status"] == "ok":
         return EXIT_OK
     error = WorkbenchError.from_dict(result["error"])
-    print(f"error [{error.code.value}]: {error.message}\nhint: {error.hint}", file=sys.stderr, flush=True)
+    _print_error(error)
     return exit_code_for(error)
 
 

@@ -71,6 +71,17 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _add_limits_and_overrides(parser: argparse.ArgumentParser, *, step_example: str, set_example: str,
+                              config_file: str) -> None:
+    """The options every ``workbench run PIPELINE`` has: --timeout, --step-timeout, --set, --no-report."""
+    parser.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
+    parser.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
+                        metavar="STEP=SECONDS", help=f"limit for one step (repeatable), e.g. {step_example}")
+    parser.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help=f"set a job-config key (repeatable), e.g. {set_example}; see {config_file}")
+    parser.add_argument("--no-report", action="store_true", help="skip building report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workbench.registry import REGISTRY
 
@@ -107,12 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     knee.add_argument("--t2", default="auto", choices=("auto", "on", "off"),
                       help="T2 mapping: auto (when the input is multi-echo), on (required), off (default: auto)")
     knee.add_argument("--resample-mm", type=float, help="resample to this isotropic voxel size (mm)")
-    knee.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
-    knee.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
-                      metavar="STEP=SECONDS", help="limit for one step (repeatable), e.g. load_input=120")
-    knee.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                      help="set a job-config key (repeatable), e.g. nnunet.use_mirroring=true; see configs/knee.yaml")
-    knee.add_argument("--no-report", action="store_true", help="skip building report.html")
+    _add_limits_and_overrides(knee, step_example="load_input=120", set_example="nnunet.use_mirroring=true",
+                              config_file="configs/knee.yaml")
 
     recon = run_sub.add_parser(
         "recon", help=REGISTRY.pipeline("recon").description, epilog=EPILOG_RUN_RECON,
@@ -126,12 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings preset from configs/recon.yaml (default: %(default)s)")
     recon.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     recon.add_argument("--resolution", type=int, help="resize the views' short side to this on load")
-    recon.add_argument("--timeout", dest="timeout_s", type=float, help="limit for the whole run in seconds")
-    recon.add_argument("--step-timeout", dest="step_timeouts", type=_step_timeout, action="append", default=[],
-                       metavar="STEP=SECONDS", help="limit for one step (repeatable), e.g. nvdiffrec=3600")
-    recon.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="set a job-config key (repeatable), e.g. nvdiffrec.iter=800; see configs/recon.yaml")
-    recon.add_argument("--no-report", action="store_true", help="skip building report.html")
+    _add_limits_and_overrides(recon, step_example="nvdiffrec=3600", set_example="nvdiffrec.iter=800",
+                              config_file="configs/recon.yaml")
 
     # data -----------------------------------------------------------------------------
     data = sub.add_parser("data", help="sample and synthetic data", epilog=EPILOG_DATA,

@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+#: Colour of each run status in reports and the gallery.
+STATUS_COLOURS = {"ok": "#1a7f37", "failed": "#cf222e", "cancelled": "#b7791f", "timeout": "#b7791f",
+                  "running": "#0969da"}
+
 
 def load_result(run_dir: str | Path) -> dict[str, Any]:
     """The ``result.json`` of a run folder."""
@@ -163,3 +167,43 @@ def recon_metrics_html(metrics: dict[str, Any]) -> str:
          for name, p in passes.items()]
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f"<p><b>model:</b> {html.escape(str(metrics.get('model', '')))}</p><table><tbody>{body}</tbody></table>"
+
+
+def run_header_html(result: dict[str, Any], name: str) -> str:
+    """A report's header: the run at a glance, its error, steps, parameters and versions (all text escaped)."""
+
+    def esc(value: Any) -> str:
+        return html.escape("–" if value is None else str(value))
+
+    def table(values: dict[str, Any], styles: dict[str, str] | None = None) -> str:
+        rows = "".join(
+            f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left;{(styles or {}).get(k, '')}\">"
+            f"{esc(v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str))}</td></tr>"
+            for k, v in values.items())
+        return f"<table><tbody>{rows}</tbody></table>"
+
+    status = str(result.get("status", "?"))
+    seconds = result.get("seconds")
+    overview = {
+        "status": status, "pipeline": result.get("pipeline"), "models": ", ".join(result.get("models") or []) or None,
+        "started": result.get("started"), "ended": result.get("ended"),
+        "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else seconds, "device": result.get("device"),
+    }
+    status_style = {"status": f"font-weight:bold;color:{STATUS_COLOURS.get(status, '#57606a')}"}
+    parts = [f"<h2>Run {esc(name)}</h2>", table(overview, status_style)]
+    error = result.get("error")
+    if error:
+        message = str(error.get("message") or "").strip().splitlines()
+        parts.append(
+            f"<div style=\"border-left:4px solid {STATUS_COLOURS['failed']};padding:0.3em 0.8em;margin:0.8em 0\">"
+            f"<p><b>error {esc(error.get('code'))}</b>: {esc(message[0] if message else '')}</p>"
+            f"<p><i>hint:</i> {esc(error.get('hint') or '')}</p>"
+            f"<p><i>step:</i> {esc(error.get('step'))}</p></div>")
+    parts.append("<h3>Steps</h3>")
+    parts.append(steps_html(result) if result.get("steps") else "<p>No step ran.</p>")
+    if result.get("parameters"):
+        parts += ["<h3>Parameters</h3>", table(result["parameters"])]
+    if result.get("versions"):
+        parts += ["<h3>Versions</h3>", table(result["versions"])]
+    return "<div class=\"workbench-report-header\">" + "\n".join(parts) + "</div>"
+

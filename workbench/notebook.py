@@ -165,64 +165,15 @@ def _title(run_dir: Path) -> str:
 
 
 def _header_cell(result: dict[str, Any], run_dir: Path):
-    """An output-only code cell showing :func:`_header_html` (its empty input is hidden in the report)."""
+    """An output-only code cell showing the run's header (its empty input is hidden in the report)."""
     import nbformat
 
+    from workbench.display import run_header_html
+
     cell = nbformat.v4.new_code_cell(source="", metadata={"tags": ["workbench-report-header"]})
-    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": _header_html(result, run_dir)})]
+    cell.outputs = [nbformat.v4.new_output("display_data",
+                                           data={"text/html": run_header_html(result, run_dir.name)})]
     return cell
-
-
-_STATUS_COLOURS = {"ok": "#1a7f37", "failed": "#cf222e", "cancelled": "#b7791f", "timeout": "#b7791f"}
-
-
-def _header_html(result: dict[str, Any], run_dir: Path) -> str:
-    """The report's header: the run at a glance, its error, steps, parameters and versions (all text escaped)."""
-    import html
-    import json
-
-    from workbench.display import steps_html
-
-    def esc(value: Any) -> str:
-        return html.escape("–" if value is None else str(value))
-
-    def table(values: dict[str, Any]) -> str:
-        rows = "".join(
-            f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left\">"
-            f"{esc(v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str))}</td></tr>"
-            for k, v in values.items())
-        return f"<table><tbody>{rows}</tbody></table>"
-
-    status = str(result.get("status", "?"))
-    colour = _STATUS_COLOURS.get(status, "#57606a")
-    seconds = result.get("seconds")
-    overview = {
-        "pipeline": result.get("pipeline"), "models": ", ".join(result.get("models") or []) or None,
-        "started": result.get("started"), "ended": result.get("ended"),
-        "seconds": f"{seconds:.1f}" if isinstance(seconds, (int, float)) else seconds, "device": result.get("device"),
-    }
-    rows = "".join(f"<tr><th style=\"text-align:left\">{esc(k)}</th><td style=\"text-align:left\">{esc(v)}</td></tr>"
-                   for k, v in overview.items())
-    status_row = (f"<tr><th style=\"text-align:left\">status</th><td style=\"text-align:left;font-weight:bold;"
-                  f"color:{colour}\">{esc(status)}</td></tr>")
-    parts = [f"<h2>Run {esc(run_dir.name)}</h2>", f"<table><tbody>{status_row}{rows}</tbody></table>"]
-    error = result.get("error")
-    if error:
-        message = str(error.get("message") or "").strip().splitlines()
-        parts.append(
-            f"<div style=\"border-left:4px solid {_STATUS_COLOURS['failed']};padding:0.3em 0.8em;margin:0.8em 0\">"
-            f"<p><b>error {esc(error.get('code'))}</b>: {esc(message[0] if message else '')}</p>"
-            f"<p><i>hint:</i> {esc(error.get('hint') or '')}</p>"
-            f"<p><i>step:</i> {esc(error.get('step'))}</p></div>")
-    parts.append("<h3>Steps</h3>")
-    parts.append(steps_html(result) if result.get("steps") else "<p>No step ran.</p>")
-    parameters = result.get("parameters")
-    if parameters:
-        parts += ["<h3>Parameters</h3>", table(parameters)]
-    versions = result.get("versions")
-    if versions:
-        parts += ["<h3>Versions</h3>", table(versions)]
-    return "<div class=\"workbench-report-header\">" + "\n".join(parts) + "</div>"
 
 
 def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
@@ -243,7 +194,7 @@ def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
     from workbench.errors import classify
     from workbench.progress import JsonlFollower, LogSink
     from workbench.registry import REGISTRY
-    from workbench.runner import Run
+    from workbench.runner import record_failure
 
     spec = REGISTRY.pipeline(pipeline)
     run_dir = Path(run_dir).resolve()
@@ -262,18 +213,10 @@ def run_job(pipeline: str, parameters: dict[str, Any], run_dir: str | Path, *,
         error = _notebook_error(failure)
         with open(run_dir / "error.log", "a", encoding="utf-8") as fh:
             fh.write(f"{error}\n" + "".join(traceback.format_exception(failure)))
-        run = Run(run_dir, pipeline=pipeline, parameters=parameters)
-        if result is not None:  # keep the steps that did finish
-            run.steps_from_result(result)
-        run.error = error
-        run.finish()
-        result = run.result()
+        result = record_failure(run_dir, pipeline=pipeline, parameters=parameters, error=error)
     elif result is None:
         error = classify(RuntimeError("the notebook finished without writing result.json"))
-        run = Run(run_dir, pipeline=pipeline, parameters=parameters)
-        run.error = error
-        run.finish()
-        result = run.result()
+        result = record_failure(run_dir, pipeline=pipeline, parameters=parameters, error=error)
     if report and (run_dir / "report.ipynb").is_file():
         try:
             build_report(run_dir)

@@ -17,6 +17,12 @@ from typing import Any, Callable
 from workbench.errors import ConfigError, ModelUnavailable
 
 
+def import_ref(ref: str) -> Any:
+    """The object a ``"module:attribute"`` reference names (imported on first use)."""
+    module_name, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 @dataclass(frozen=True)
 class NnUNetModelConfig:
     """Settings of an nnU-Net v2 segmentation model.
@@ -90,12 +96,11 @@ class ModelSpec:
         """Import and call ``setup`` with the config (plus overrides); a missing implementation is MODEL_UNAVAILABLE."""
         from dataclasses import replace
 
-        module_name, _, attr = self.setup.partition(":")
         try:
-            setup: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
+            setup: Callable[..., Any] = import_ref(self.setup)
         except (ImportError, AttributeError) as exc:
             raise ModelUnavailable(
-                f"Model {self.name!r} cannot be set up: {module_name}.{attr} is not available ({exc})",
+                f"Model {self.name!r} cannot be set up: {self.setup.replace(':', '.')} is not available ({exc})",
                 "This workbench version does not include that model yet, or a dependency is missing.",
             ) from exc
         return setup(replace(self.config, **overrides), device=device)
@@ -126,15 +131,13 @@ class PipelineSpec:
 
     def options_class(self) -> Any:
         """The pipeline's options class (imported on first use)."""
-        module_name, _, attr = self.options.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return import_ref(self.options)
 
     def write_sample(self, folder: Any) -> dict[str, Any]:
         """Write the pipeline's sample into ``folder``; return the options that run it."""
         if not self.sample:
             raise ConfigError(f"Pipeline {self.name!r} has no bundled sample")
-        module_name, _, attr = self.sample.partition(":")
-        return getattr(importlib.import_module(module_name), attr)(folder)
+        return import_ref(self.sample)(folder)
 
 
 class Registry:

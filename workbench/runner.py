@@ -569,6 +569,22 @@ class Run:
         return path
 
 
+def record_failure(run_dir: str | Path, *, pipeline: str, parameters: dict[str, Any],
+                   error: WorkbenchError) -> dict[str, Any]:
+    """Write ``result.json`` for a run that ended outside the runner's hands and return it.
+
+    For a dead notebook kernel, a killed job or options rejected before any step:
+    the steps of an earlier ``result.json`` in ``run_dir`` are kept, so the
+    record still shows how far the run got.
+    """
+    path = Path(run_dir) / "result.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    run = Run(run_dir, pipeline=pipeline, parameters=parameters)
+    if earlier is not None:
+        run.steps_from_result(earlier)
+    run.error = error
+    run.finish()
+    return run.result()
 _VERSIONS: dict[str, Any] | None = None
 
 

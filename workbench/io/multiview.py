@@ -391,17 +391,19 @@ def _nerf_mask(root: Path, rel: str) -> Path | None:
 # --------------------------------------------------------------------------- format 2: images + cameras
 
 
+def colmap_model_folder(root: str | Path) -> Path | None:
+    """The folder of a COLMAP text model under ``root`` (``sparse/0``, ``sparse`` or ``root``), or None."""
+    root = Path(root)
+    for folder in (root / "sparse" / "0", root / "sparse", root):
+        if (folder / "cameras.txt").exists() and (folder / "images.txt").exists():
+            return folder
+    return None
+
+
 def _images_folder_views(root: Path, split: str) -> tuple[list[_View], str]:
     images_dir = root / "images"
     cams_json = root / "cameras.json"
-    colmap = next(
-        (
-            d
-            for d in (root / "sparse" / "0", root / "sparse", root)
-            if (d / "cameras.txt").exists() and (d / "images.txt").exists()
-        ),
-        None,
-    )
+    colmap = colmap_model_folder(root)
     if not cams_json.exists() and colmap is None:
         raise InvalidFormat(
             f"No cameras found in {root}: looked for transforms_train.json, cameras.json and "

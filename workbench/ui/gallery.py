@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from workbench.display import STATUS_COLOURS
+
 #: Headline metrics per pipeline, in display order (see the module docstring).
 KEY_METRICS: dict[str, tuple[str, ...]] = {
     "knee": ("dice_mean", "fem_cart_thickness_mm", "fem_cart_t2_ms", "nsm_assd_bone_mm"),
@@ -51,9 +53,6 @@ THUMBNAIL_WIDTH = 320
 MAX_DEPTH = 3
 
 FEMORAL_SUBREGIONS = ("ant_fem_cart", "med_wb_fem_cart", "lat_wb_fem_cart", "med_post_fem_cart", "lat_post_fem_cart")
-
-STATUS_COLOURS = {"ok": "#1a7f37", "failed": "#cf222e", "cancelled": "#b7791f", "timeout": "#b7791f",
-                  "running": "#0969da"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

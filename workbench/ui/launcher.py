@@ -29,6 +29,7 @@ The form's logic (:func:`launcher_fields`, :func:`check_input`,
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -186,9 +187,11 @@ def _check_recon_input(path: Path) -> InputCheck:
         images = path / "images"
         n = sum(1 for _ in images.iterdir()) if images.is_dir() else 0
         return InputCheck(bool(n), f"images/ with cameras.json ({n} images)" if n else "cameras.json but no images/")
-    for folder in (path / "sparse" / "0", path / "sparse", path):
-        if (folder / "cameras.txt").is_file() and (folder / "images.txt").is_file():
-            return InputCheck(True, f"COLMAP text model in {folder.relative_to(path) if folder != path else '.'}")
+    from workbench.io.multiview import colmap_model_folder
+
+    folder = colmap_model_folder(path)
+    if folder is not None:
+        return InputCheck(True, f"COLMAP text model in {folder.relative_to(path) if folder != path else '.'}")
     return InputCheck(False, "No transforms_train.json, cameras.json or COLMAP sparse/0/ here (docs/recon-inputs.md)")
 
 
@@ -288,7 +291,7 @@ class BackgroundJob:
 
     def _final_result(self) -> dict[str, Any]:
         """``result.json``; written here (as the runner would) when the job died before finishing it."""
-        from workbench.runner import CANCEL_FILE, Run
+        from workbench.runner import record_failure
 
         path = self.run_dir / "result.json"
         result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -300,13 +303,7 @@ class BackgroundJob:
         else:
             error = classify(RuntimeError(f"the job process ended with exit code {self.process.returncode} "
                                           "before the run was recorded"))
-        run = Run(self.run_dir, pipeline=self.pipeline, parameters=self.options)
-        if result is not None:
-            run.steps_from_result(result)
-        run.error = error
-        run.finish()
-        (self.run_dir / CANCEL_FILE).unlink(missing_ok=True)
-        return run.result()
+        return record_failure(self.run_dir, pipeline=self.pipeline, parameters=self.options, error=error)
 
 
 def kill_process_tree(pid: int, grace_s: float = 2.0) -> None:
@@ -410,7 +407,7 @@ class Launcher:
 
         pipeline = self.pipeline
         spec = self.registry.pipeline(pipeline)
-        self.pipeline_description.value = f"<i>{_escape(spec.description)}</i>"
+        self.pipeline_description.value = f"<i>{html.escape(spec.description)}</i>"
         self._inputs = {}
         rows = []
         for field in launcher_fields(pipeline, self.registry, self._devices):
@@ -440,7 +437,7 @@ class Launcher:
         check = check_input(self.pipeline, self._inputs[spec.input_option].value)
         colour = "#2e7d32" if check.ok else "#c62828"
         self.input_message.value = f'<span style="color:{colour}">{"✓" if check.ok else "✗"} ' \
-                                   f"{_escape(check.message)}</span>"
+                                   f"{html.escape(check.message)}</span>"
         if not (self.job and self.job.running):
             self.run_button.disabled = not check.ok
         return check
@@ -485,7 +482,7 @@ class Launcher:
             return self.job
         check = self._check_input()
         if not check.ok:
-            self.message.value = f'<span style="color:#c62828">{_escape(check.message)}</span>'
+            self.message.value = f'<span style="color:#c62828">{html.escape(check.message)}</span>'
             return None
         options = self.options()
         try:
@@ -494,7 +491,7 @@ class Launcher:
         except Exception as exc:  # noqa: BLE001 - shown as code, message and hint
             self._show_error(exc if isinstance(exc, WorkbenchError) else classify(exc))
             return None
-        self.message.value = f"run folder: <code>{_escape(str(self.run_dir))}</code>"
+        self.message.value = f"run folder: <code>{html.escape(str(self.run_dir))}</code>"
         self.results_box.children = ()
         self._step_bars = {}
         self.steps_box.children = ()
@@ -528,7 +525,7 @@ class Launcher:
             return
         with self._refresh_lock:
             monitor = job.monitor
-            self.headline.value = f"<b>{_escape(monitor.headline())}</b>"
+            self.headline.value = f"<b>{html.escape(monitor.headline())}</b>"
             self.overall_bar.value = monitor.overall_fraction
             self.overall_bar.description = f"{monitor.overall_fraction:.0%}"
             for step in list(monitor.steps):
@@ -546,11 +543,11 @@ class Launcher:
                 took = ""
                 if step.started is not None:
                     took = f", {format_seconds((step.ended or time.time()) - step.started)}"
-                label.value = (f"[{step.index}/{max(monitor.n_steps, step.index)}] <b>{_escape(step.name)}</b>"
-                               f"{_escape(model)}: {_escape(step.status)}{took} "
-                               f"<span style='color:#666'>{_escape(step.message[:80])}</span>")
+                label.value = (f"[{step.index}/{max(monitor.n_steps, step.index)}] <b>{html.escape(step.name)}</b>"
+                               f"{html.escape(model)}: {html.escape(step.status)}{took} "
+                               f"<span style='color:#666'>{html.escape(step.message[:80])}</span>")
             lines = "\n".join(monitor.log_lines)
-            self.log_view.value = f"<pre style='font-size:85%;margin:0'>{_escape(lines)}</pre>"
+            self.log_view.value = f"<pre style='font-size:85%;margin:0'>{html.escape(lines)}</pre>"
 
     def _finished(self, result: dict[str, Any]) -> None:
         self.refresh()
@@ -560,7 +557,7 @@ class Launcher:
         if error:
             self._show_error(WorkbenchError.from_dict(error))
         else:
-            self.message.value = f"run folder: <code>{_escape(str(self.run_dir))}</code>"
+            self.message.value = f"run folder: <code>{html.escape(str(self.run_dir))}</code>"
         try:
             from workbench.ui.results import results_panel
 
@@ -568,22 +565,16 @@ class Launcher:
         except Exception as exc:  # noqa: BLE001 - the run's outcome is already shown above
             import ipywidgets as w
 
-            self.results_box.children = (w.HTML(f"results could not be shown: {_escape(str(exc))}"),)
+            self.results_box.children = (w.HTML(f"results could not be shown: {html.escape(str(exc))}"),)
         self.widget.add_class("wb-done")
 
     def _show_error(self, error: WorkbenchError) -> None:
         code = error.code.value if isinstance(error.code, ErrorCode) else str(error.code)
-        self.message.value = (f'<div class="wb-error" style="color:#c62828"><b>{_escape(code)}</b>: '
-                              f"{_escape(error.message)}<br><i>hint:</i> {_escape(error.hint or '')}</div>")
+        self.message.value = (f'<div class="wb-error" style="color:#c62828"><b>{html.escape(code)}</b>: '
+                              f"{html.escape(error.message)}<br><i>hint:</i> {html.escape(error.hint or '')}</div>")
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(str(text))
 
 
 def launcher(pipeline: str | None = None, defaults: dict[str, Any] | None = None, **kwargs: Any) -> Launcher:
